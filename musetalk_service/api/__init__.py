@@ -1,0 +1,1 @@
+"""HTTP layer: routes, schemas, error mapping. Knows nothing of tensors."""

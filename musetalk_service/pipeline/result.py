@@ -1,0 +1,31 @@
+"""What a finished lip-sync returns."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+PHASES = ("read", "face_detect", "vae_encode", "audio", "unet", "blend", "encode", "mux")
+"""Timed phases, in pipeline order. `unet` is the UNet plus the VAE decode."""
+
+
+@dataclass(frozen=True)
+class LipsyncResult:
+    output_path: Path
+    frames: int
+    fps: float
+    duration_s: float
+    encoder: str
+    weights: str
+    timings: dict[str, float]
+    """Seconds per phase (keys in PHASES) plus `total`, the request's wall time."""
+    fallbacks: int = 0
+    """Frames whose fast blend failed and were recomputed the slow way."""
+    frames_without_face: int = 0
+    """Output frames passed through unchanged because their source frame had no face."""
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["output_path"] = str(self.output_path)
+        return out
