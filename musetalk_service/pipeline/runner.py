@@ -1,0 +1,185 @@
+"""The lip-sync pipeline: resident models, one request at a time, phases timed.
+
+A request runs as numbered steps (see `LipsyncPipeline.run`). Frames flow through in batches from
+the decoder to the encoder, so memory does not grow with the video's length: per source frame we
+keep only its face box and its 8x32x32 latent, and only while a later output frame still needs them.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+
+from musetalk_service.errors import BadAudio, Cancelled, InvalidOption, NoFace
+from musetalk_service.media.audio import load_audio
+from musetalk_service.media.encode import EncoderChoice, VideoEncoder, choose_encoder
+from musetalk_service.media.ffmpeg import find_ffmpeg
+from musetalk_service.media.mux import mux_audio
+from musetalk_service.media.probe import probe_audio, probe_video
+from musetalk_service.nets.bundle import ModelBundle
+from musetalk_service.pipeline.audio import AudioFeatures
+from musetalk_service.pipeline.blend import FaceBlender
+from musetalk_service.pipeline.faces import FaceLocator
+from musetalk_service.pipeline.generate import generate_faces
+from musetalk_service.pipeline.latents import encode_faces
+from musetalk_service.pipeline.request import FaceBox, LipsyncRequest
+from musetalk_service.pipeline.result import LipsyncResult
+from musetalk_service.pipeline.source import SourceFrames
+from musetalk_service.pipeline.timing import PhaseTimer
+from musetalk_service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+
+# An fps given as a float (29.97) becomes the exact broadcast rational it stands for (30000/1001).
+_FPS_MAX_DENOMINATOR = 1001
+
+
+class LipsyncPipeline:
+    """Models loaded once; `run` turns one request into one MP4."""
+
+    def __init__(self, models: ModelBundle, settings: Settings, encoder: EncoderChoice, ffmpeg: str):
+        self.models = models
+        self.settings = settings
+        self.encoder = encoder
+        self.ffmpeg = ffmpeg
+
+    @classmethod
+    def load(cls, settings: Settings) -> "LipsyncPipeline":
+        """Find ffmpeg, probe the encoder, load every network onto the device and warm it up."""
+        ffmpeg = find_ffmpeg(settings.encode.ffmpeg_path)
+        encoder = choose_encoder(settings.encode, ffmpeg)
+        device = settings.resolved_device()
+        models = ModelBundle.load(settings.models_dir, device)
+        models.warmup()
+        log.info("pipeline ready: device=%s weights=%s encoder=%s", device, models.weights_kind, encoder.name)
+        return cls(models, settings, encoder, ffmpeg)
+
+    def health(self) -> dict:
+        return {
+            "device": str(self.models.device),
+            "weights": self.models.weights_kind,
+            "encoder": self.encoder.name,
+            "models_loaded": True,
+        }
+
+    def run(self, request: LipsyncRequest, progress: Progress | None = None, cancel: threading.Event | None = None) -> LipsyncResult:
+        """Lip-sync `request.video_path` to `request.audio_path` and write `request.output_path`."""
+        timer = PhaseTimer(sync=self._sync)
+        work_dir = Path(tempfile.mkdtemp(prefix="musetalk-", dir=self.settings.work_dir))
+        try:
+            return self._run(request, timer, work_dir, progress or _no_progress, cancel)
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
+
+    def _run(self, request: LipsyncRequest, timer: PhaseTimer, work_dir: Path, progress: Progress, cancel: threading.Event | None) -> LipsyncResult:
+        # 1. Check inputs: probe both files before any model work.
+        with timer.phase("read"):
+            video = probe_video(request.video_path)
+            probe_audio(request.audio_path)
+        fps = Fraction(request.fps).limit_denominator(_FPS_MAX_DENOMINATOR) if request.fps else video.fps
+        if request.face_box is not None:
+            _check_face_box(request.face_box, video.width, video.height)
+
+        # 2. Audio: whisper features for the whole track; the output has floor(seconds * fps) frames.
+        with timer.phase("audio", gpu=True):
+            samples = load_audio(request.audio_path, self.ffmpeg)
+            audio = AudioFeatures(self.models, samples, fps)
+        total = audio.frame_count
+        if total == 0:
+            raise BadAudio(f"{request.audio_path}: audio is shorter than one video frame ({len(samples) / 16000:.3f} s)")
+
+        # 3. Per batch of output frames: read, find faces, encode crops, generate, blend, encode.
+        source = SourceFrames(request.video_path, video, fps, self.ffmpeg, work_dir, total)
+        locator = FaceLocator(self.models, request)
+        blender = FaceBlender(self.models, request, retain=source.needs_cycle)
+        boxes: dict[int, FaceBox | None] = {}
+        latents: dict[int, torch.Tensor] = {}
+        faces_seen = 0
+        no_face_frames = 0
+        silent_video = work_dir / "video.mp4"
+        try:
+            with VideoEncoder(silent_video, video.width, video.height, fps, self.encoder, self.ffmpeg) as encoder:
+                for start in range(0, total, request.batch_size):
+                    if cancel is not None and cancel.is_set():
+                        raise Cancelled("the job was cancelled")
+                    indices = list(range(start, min(start + request.batch_size, total)))
+                    with timer.phase("read"):
+                        sources, frames = source.take(indices)
+
+                    new = sorted({j for j in sources if j not in boxes})
+                    if new:
+                        # Streaming batches are all new and in order: no copy needed.
+                        new_frames = frames if new == sources else frames[[sources.index(j) for j in new]]
+                        with timer.phase("face_detect", gpu=True):
+                            found = locator.locate(new_frames, new)
+                        boxes.update(zip(new, found))
+                        with_face = [k for k, box in enumerate(found) if box is not None]
+                        faces_seen += len(with_face)
+                        if with_face:
+                            with timer.phase("vae_encode", gpu=True):
+                                encoded = encode_faces(self.models, new_frames[with_face], [found[k] for k in with_face])
+                            latents.update((new[k], encoded[n]) for n, k in enumerate(with_face))
+
+                    rows = [k for k, j in enumerate(sources) if boxes[j] is not None]
+                    no_face_frames += len(indices) - len(rows)
+                    if rows:
+                        with timer.phase("unet", gpu=True):
+                            batch_latents = torch.stack([latents[sources[k]] for k in rows])
+                            faces = generate_faces(self.models, batch_latents, audio.windows([indices[k] for k in rows]))
+                        with timer.phase("blend"):
+                            for face, k in zip(faces, rows):
+                                frames[k] = blender.blend(frames[k], face, boxes[sources[k]], sources[k])
+                    with timer.phase("encode"):
+                        encoder.write(frames)
+                    if not source.needs_cycle:
+                        # Streaming once through the video: these source frames are never needed again.
+                        for j in sources:
+                            boxes.pop(j, None)
+                            latents.pop(j, None)
+                    progress("frames", indices[-1] + 1, total)
+                if faces_seen == 0:
+                    tried = source.total if source.total is not None else source.decoded
+                    raise NoFace(f"{request.video_path}: no face found in any of the {tried} frames tried")
+                with timer.phase("encode"):
+                    encoder.close()
+        finally:
+            source.close()
+
+        # 4. Mux: the video stream as encoded, the request's audio copied or encoded to AAC.
+        with timer.phase("mux"):
+            mux_audio(silent_video, request.audio_path, request.output_path, self.ffmpeg)
+        progress("done", total, total)
+        return LipsyncResult(
+            output_path=request.output_path,
+            frames=total,
+            fps=float(fps),
+            duration_s=round(len(samples) / 16000, 4),
+            encoder=self.encoder.name,
+            weights=self.models.weights_kind,
+            timings=timer.as_dict(),
+            fallbacks=blender.fallbacks,
+            frames_without_face=no_face_frames,
+        )
+
+    def _sync(self) -> None:
+        if self.models.device.type == "cuda":
+            torch.cuda.synchronize(self.models.device)
+
+
+def _check_face_box(box: FaceBox, width: int, height: int) -> None:
+    x1, y1, x2, y2 = box
+    if not (0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height):
+        raise InvalidOption(f"face_box {list(box)} must lie inside the {width}x{height} frame with x1<x2 and y1<y2")
+
+
+def _no_progress(phase: str, done: int, total: int) -> None:
+    pass
