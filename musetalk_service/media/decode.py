@@ -1,0 +1,90 @@
+"""Video frames out of ffmpeg as BGR numpy batches, at a constant frame rate."""
+
+from __future__ import annotations
+
+import logging
+import os
+from fractions import Fraction
+
+import numpy as np
+
+from musetalk_service.media.ffmpeg import FFmpegPipe, file_arg, find_ffmpeg
+from musetalk_service.media.probe import VideoInfo
+
+logger = logging.getLogger(__name__)
+
+
+class VideoReader:
+    """Decode the video stream of `path` to `uint8` BGR frames `[H, W, 3]`, display-oriented.
+
+    Frames come out at exactly `fps` (default `info.fps`): ffmpeg's `fps` filter duplicates or
+    drops frames by timestamp, so variable-frame-rate input becomes constant-rate and a rate
+    conversion (e.g. 30 -> 25) keeps A/V timing. ffmpeg's autorotate turns rotated phone video
+    upright, so frames are `info.height x info.width`. Any pixel format (10-bit, 4:4:4) and any
+    size, odd included, is converted by ffmpeg.
+
+    Use as a context manager; `read(n)` returns batches. Leaving early kills ffmpeg. `ffmpeg`
+    defaults to `find_ffmpeg()`.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, info: VideoInfo, fps: Fraction | None = None, ffmpeg: str | None = None
+    ):
+        self.path = path
+        self.fps = Fraction(fps) if fps is not None else info.fps
+        self.width = info.width
+        self.height = info.height
+        self._frame_bytes = info.width * info.height * 3
+        self._frames_read = 0
+        self._eof = False
+        self._pipe = FFmpegPipe(
+            ffmpeg or find_ffmpeg(),
+            [
+                "-i", file_arg(path),
+                "-map", f"0:{info.stream_index}",
+                # scale is a no-op at the probed size; it's there for streams that change
+                # resolution midway, which would otherwise shear every later raw frame.
+                "-vf", f"fps={self.fps},scale={info.width}:{info.height}",
+                # The fps filter already made the timing constant; don't let the muxer redo it.
+                "-fps_mode", "passthrough",
+                "-f", "rawvideo", "-pix_fmt", "bgr24",
+                "pipe:1",
+            ],
+            stdout=True,
+            what=f"decoding {path}",
+        )  # fmt: skip
+
+    def __enter__(self) -> "VideoReader":
+        self._pipe.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and self._eof:
+            self._pipe.finish()
+        else:
+            self._pipe.kill()
+
+    @property
+    def frames_read(self) -> int:
+        """Frames returned by `read` so far."""
+        return self._frames_read
+
+    def read(self, n: int) -> np.ndarray:
+        """Up to `n` frames as a new array `[b, H, W, 3]`: b < n only at the end, b == 0 after it.
+
+        At the end ffmpeg's exit status is checked, so a decode failure raises `FFmpegError` here.
+        """
+        if n < 1:
+            raise ValueError(f"read(n) needs n >= 1, got {n}")
+        batch = np.empty((n, self.height, self.width, 3), dtype=np.uint8)
+        if self._eof:
+            return batch[:0]
+        got = self._pipe.readinto(batch)
+        frames, leftover = divmod(got, self._frame_bytes)
+        if got < batch.nbytes:
+            self._eof = True
+            self._pipe.finish()
+            if leftover:
+                logger.warning("%s: ignoring a truncated last frame (%d of %d bytes)", self.path, leftover, self._frame_bytes)
+        self._frames_read += frames
+        return batch[:frames]

@@ -1,0 +1,66 @@
+"""VAE-encode phase: crop each face box, squash it to 256x256 and encode the UNet's 8-channel input.
+
+Channels 0-3 are the latent of the face with its lower half blanked (the part the UNet repaints),
+channels 4-7 the latent of the whole face (the reference). Both come from the same source frame, as
+in official inference, so a source frame's latent can be cached and reused for every output frame
+that shows it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+import torch
+
+from musetalk_service.pipeline.request import FaceBox
+
+FACE_SIZE = 256
+"""The VAE works on 256x256 faces (32x32 latents)."""
+
+
+def crop_faces(frames: Sequence[np.ndarray] | np.ndarray, boxes: Sequence[FaceBox]) -> np.ndarray:
+    """Crop `frame[y1:y2, x1:x2]` and resize it to 256x256 -> `[b, 256, 256, 3]` uint8 BGR.
+
+    The box is stretched to the square whatever its aspect ratio, and Lanczos is used, as in the
+    official scripts and training data; the model has only ever seen faces squashed this way.
+    """
+    if len(frames) != len(boxes):
+        raise ValueError(f"{len(frames)} frames but {len(boxes)} boxes")
+    out = np.empty((len(boxes), FACE_SIZE, FACE_SIZE, 3), dtype=np.uint8)
+    for i, (frame, (x1, y1, x2, y2)) in enumerate(zip(frames, boxes)):
+        crop = frame[y1:y2, x1:x2]
+        if crop.size == 0:
+            raise ValueError(f"face box {(x1, y1, x2, y2)} is empty in a {frame.shape[1]}x{frame.shape[0]} frame")
+        out[i] = cv2.resize(crop, (FACE_SIZE, FACE_SIZE), interpolation=cv2.INTER_LANCZOS4)
+    return out
+
+
+def vae_inputs(faces_bgr: np.ndarray) -> torch.Tensor:
+    """The VAE input for 256x256 BGR faces: `[2b, 3, 256, 256]` float32 in [-1, 1], masked copies first.
+
+    The masked copy has rows 128..255 (the whole lower half, every column) at -1, which is what the
+    official code gets by zeroing them before normalising and what training does directly.
+    """
+    rgb = torch.from_numpy(np.ascontiguousarray(faces_bgr[..., ::-1])).permute(0, 3, 1, 2)
+    reference = rgb.to(torch.float32).div_(127.5).sub_(1.0)
+    masked = reference.clone()
+    masked[:, :, FACE_SIZE // 2 :, :] = -1.0
+    return torch.cat([masked, reference], dim=0)
+
+
+def encode_faces(models: Any, frames: Sequence[np.ndarray] | np.ndarray, boxes: Sequence[FaceBox]) -> torch.Tensor:
+    """UNet input latents `[b, 8, 32, 32]` (model device and dtype) for frames that have a face box.
+
+    Both copies go through one batched VAE encode. The latent is the posterior mean times the VAE
+    scaling factor. The official code samples the posterior with an unseeded RNG; the mean is what
+    training used, and it is deterministic, so the same frame always gives the same latent.
+    """
+    faces = crop_faces(frames, boxes)
+    vae = models.vae
+    pixels = vae_inputs(faces).to(device=models.device, dtype=models.dtype)
+    with torch.inference_mode():
+        latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+    masked, reference = latents.chunk(2, dim=0)
+    return torch.cat([masked, reference], dim=1)
