@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -17,8 +16,6 @@ from musetalk_service.pipeline.request import LipsyncRequest
 from musetalk_service.pipeline.result import LipsyncResult
 from musetalk_service.pipeline.runner import LipsyncPipeline
 from musetalk_service.settings import Settings
-
-log = logging.getLogger(__name__)
 
 
 class PipelineSlot:

@@ -1,18 +1,21 @@
 """Every failure leaves the API as `{error: {code, message}}` with the right status.
 
-Input problems say what to change. Faults of the server are logged with their traceback and
-answered with a generic message, so no path, stderr or secret leaks to the client.
+Input problems say what to change; a `ServiceError` answers with its own code, status and message.
+Anything else is a fault nobody foresaw: it is logged with its traceback and answered with a
+generic message, so no path, stack or secret leaks to the client.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from musetalk_service.errors import ServiceError
 
@@ -34,13 +37,12 @@ async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     # A body that is not JSON, or not a JSON object, has no fields to blame.
-    if any(e["type"] == "json_invalid" for e in errors):
-        detail = next(e for e in errors if e["type"] == "json_invalid")
-        return error_response(400, "invalid_request", f"the body is not valid JSON: {detail['ctx']['error']}")
+    invalid_json = next((e for e in errors if e["type"] == "json_invalid"), None)
+    if invalid_json is not None:
+        return error_response(400, "invalid_request", f"the body is not valid JSON: {invalid_json['ctx']['error']}")
     if any(tuple(e["loc"]) == ("body",) for e in errors):
         return error_response(400, "invalid_request", "the body must be a JSON object (Content-Type: application/json)")
-    problems = "; ".join(f"{_field(e['loc'])}: {e['msg']}" for e in errors)
-    return error_response(400, "invalid_option", problems)
+    return error_response(400, "invalid_option", describe_validation_errors(errors))
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -49,9 +51,40 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     return error_response(exc.status_code, phrase.lower().replace(" ", "_"), str(exc.detail))
 
 
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.error("%s %s failed unexpectedly", request.method, request.url.path, exc_info=exc)
-    return error_response(500, "internal_error", "internal server error; the server log has the details")
+class CatchUnexpected:
+    """ASGI middleware: any other exception becomes a 500 `internal_error`, logged with its traceback.
+
+    Not an `Exception` handler: Starlette re-raises after such a handler has answered, and uvicorn
+    then closes the connection, which can reset it before the client has read the 500.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception:
+            log.exception("%s %s failed unexpectedly", scope["method"], scope["path"])
+            if started:
+                raise  # too late for a clean answer; the server ends the connection
+            response = error_response(500, "internal_error", "internal server error; the server log has the details")
+            await response(scope, receive, send)
+
+
+def describe_validation_errors(errors: Sequence[dict]) -> str:
+    """`batch_size: Input should be greater than or equal to 1; parsing_mode: ...` (the values are not echoed)."""
+    return "; ".join(f"{_field(e['loc'])}: {e['msg']}" for e in errors)
 
 
 def _field(loc: tuple) -> str:
@@ -65,4 +98,4 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(Exception, _unexpected)
+    app.add_middleware(CatchUnexpected)

@@ -61,6 +61,7 @@ ShutdownMode = Literal["finish", "cancel"]
 _RECENT_RUNS = 20
 _MAX_RETRY_AFTER_S = 3600
 _IDLE_WAKE_S = 3600.0
+_CANCEL_MESSAGES = {"client": "job cancelled by its client", "shutdown": "job cancelled: the service is shutting down"}
 
 
 class JobStatus(str, Enum):
@@ -142,7 +143,8 @@ class Job:
     # -- under the manager's lock ------------------------------------------------------------
 
     def _queue_wait_s(self, now: float) -> float:
-        return (self._started_mono if self._started_mono is not None else (self._finished_mono or now)) - self._created_mono
+        end = self._started_mono if self._started_mono is not None else (self._finished_mono or now)
+        return end - self._created_mono
 
     def _run_s(self, now: float) -> float | None:
         if self._started_mono is None:
@@ -278,7 +280,8 @@ class JobManager:
                 self._queue.remove(job)
                 job.cancel_reason = "client"
                 job.cancel_event.set()
-                effects.append(self._finish_locked(job, JobStatus.CANCELLED, error=Cancelled("job cancelled by its client before it started")))
+                error = Cancelled(_CANCEL_MESSAGES["client"] + " before it started")
+                effects.append(self._finish_locked(job, JobStatus.CANCELLED, error=error))
             elif job.status is JobStatus.RUNNING and job.cancel_reason is None:
                 job.cancel_reason = "client"
                 job.cancel_event.set()
@@ -312,8 +315,10 @@ class JobManager:
 
     def begin_shutdown(self, mode: ShutdownMode = "finish") -> None:
         """Stop taking jobs and cancel the queued ones; with mode "cancel", also ask the running
-        job to stop. Does not block (safe from a signal handler on the event loop). Calling it
-        again with "cancel" escalates a "finish"."""
+        job to stop. Does not block, but takes the manager's lock: from a SIGTERM hook, schedule
+        it (`loop.call_soon_threadsafe`), never call it inside a raw signal handler, which could
+        interrupt the same thread while it holds the lock. Calling it again with "cancel"
+        escalates a "finish"."""
         if mode not in ("finish", "cancel"):
             raise ValueError(f"shutdown mode must be 'finish' or 'cancel', got {mode!r}")
         effects: list[Callable[[], None]] = []
@@ -324,7 +329,8 @@ class JobManager:
                 job = self._queue.popleft()
                 job.cancel_reason = "shutdown"
                 job.cancel_event.set()
-                effects.append(self._finish_locked(job, JobStatus.CANCELLED, error=Cancelled("job cancelled: the service is shutting down")))
+                error = Cancelled(_CANCEL_MESSAGES["shutdown"])
+                effects.append(self._finish_locked(job, JobStatus.CANCELLED, error=error))
             running = self._running
             if mode == "cancel" and running is not None and running.cancel_reason is None:
                 running.cancel_reason = "shutdown"
@@ -399,8 +405,8 @@ class JobManager:
         result: LipsyncResult | None = None
         try:
             result = self._run(job.request, progress, job.cancel_event)
-        except Exception as e:  # noqa: BLE001 - every failure becomes the job's error
-            failure = e
+        except BaseException as e:  # noqa: BLE001 - every failure becomes the job's error: a dead
+            failure = e  # worker thread would leave this job and every later one waiting forever
             if not isinstance(e, ServiceError):
                 logger.error("job %s: unexpected error in the pipeline", job.id, exc_info=True)
         with self._lock:
@@ -410,12 +416,11 @@ class JobManager:
             if job.cancel_reason == "time_limit":
                 error: ServiceError = TimeLimitExceeded(
                     f"the job ran past the time limit of {self.time_limit_s:g} s and was stopped; "
-                    "send a shorter clip or raise job_time_limit_s"
+                    "send a shorter clip or ask for a longer job time limit"
                 )
                 return self._finish_locked(job, JobStatus.FAILED, error=error)
             if job.cancel_reason is not None or isinstance(failure, Cancelled):
-                reason = {"client": "job cancelled by its client", "shutdown": "job cancelled: the service is shutting down"}
-                error = Cancelled(reason.get(job.cancel_reason, str(failure) or "job cancelled"))
+                error = Cancelled(_CANCEL_MESSAGES.get(job.cancel_reason or "", str(failure) or "job cancelled"))
                 return self._finish_locked(job, JobStatus.CANCELLED, error=error)
             if isinstance(failure, ServiceError):
                 return self._finish_locked(job, JobStatus.FAILED, error=failure)
@@ -452,7 +457,8 @@ class JobManager:
                         deadline = job._created_mono + limit
                         if now >= deadline:
                             self._queue.remove(job)
-                            effects.append(self._finish_locked(job, JobStatus.FAILED, error=self._queued_time_limit_error()))
+                            error = self._queued_time_limit_error()
+                            effects.append(self._finish_locked(job, JobStatus.FAILED, error=error))
                         else:
                             wake = min(wake, deadline)
                     job = self._running
@@ -485,7 +491,9 @@ class JobManager:
     def _get_locked(self, job_id: str) -> Job:
         job = self._jobs.get(job_id)
         if job is None:
-            raise JobNotFound(f"no job {job_id!r}: unknown, or finished more than {self.keep_finished_s:g} s ago and forgotten")
+            raise JobNotFound(
+                f"no job {job_id!r}: unknown, or finished more than {self.keep_finished_s:g} s ago and forgotten"
+            )
         return job
 
     def _queued_time_limit_error(self) -> TimeLimitExceeded:

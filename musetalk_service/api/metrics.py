@@ -79,23 +79,30 @@ class ServiceMetrics:
 
     def __init__(self, *, gpu_memory: GpuMemoryFn | None = None):
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.requests = Counter("requests", "HTTP requests by route template and outcome.", ["route", "outcome"], namespace=_NS, registry=r)
-        self.queue_depth = Gauge("queue_depth", "Jobs waiting for the GPU (not counting the running one).", namespace=_NS, registry=r)
-        self.jobs_running = Gauge("jobs_running", "Jobs running on the GPU (0 or 1).", namespace=_NS, registry=r)
-        self.jobs = Counter("jobs", "Finished jobs by outcome.", ["outcome"], namespace=_NS, registry=r)
+        r, ns = self.registry, _NS
+        self.requests = Counter(
+            "requests", "HTTP requests by route template and outcome.", ["route", "outcome"], namespace=ns, registry=r
+        )
+        self.queue_depth = Gauge("queue_depth", "Jobs waiting for the GPU.", namespace=ns, registry=r)
+        self.jobs_running = Gauge("jobs_running", "Jobs running on the GPU (0 or 1).", namespace=ns, registry=r)
+        self.jobs = Counter("jobs", "Finished jobs by outcome.", ["outcome"], namespace=ns, registry=r)
         self.job_duration = Histogram(
             "job_duration_seconds", "Run time of jobs that started, by outcome.", ["outcome"],
-            namespace=_NS, registry=r, buckets=_DURATION_BUCKETS,
+            namespace=ns, registry=r, buckets=_DURATION_BUCKETS,
         )
         self.queue_wait = Histogram(
-            "job_queue_wait_seconds", "Seconds from submission to start.", namespace=_NS, registry=r, buckets=_WAIT_BUCKETS
+            "job_queue_wait_seconds", "Seconds from submission to start.",
+            namespace=ns, registry=r, buckets=_WAIT_BUCKETS,
         )
-        self.phase_seconds = Counter("phase_seconds", "Seconds per pipeline phase, succeeded jobs.", ["phase"], namespace=_NS, registry=r)
-        self.frames = Counter("frames", "Output frames produced by succeeded jobs.", namespace=_NS, registry=r)
-        self.output_fps = Gauge("output_fps", "Output frames per wall second of the last succeeded job.", namespace=_NS, registry=r)
-        self.cache_hits = Counter("avatar_cache_hits", "Avatar cache hits.", namespace=_NS, registry=r)
-        self.cache_misses = Counter("avatar_cache_misses", "Avatar cache misses.", namespace=_NS, registry=r)
+        self.phase_seconds = Counter(
+            "phase_seconds", "Seconds per pipeline phase, succeeded jobs.", ["phase"], namespace=ns, registry=r
+        )
+        self.frames = Counter("frames", "Output frames produced by succeeded jobs.", namespace=ns, registry=r)
+        self.output_fps = Gauge(
+            "output_fps", "Output frames per wall second of the last succeeded job.", namespace=ns, registry=r
+        )
+        self.cache_hits = Counter("avatar_cache_hits", "Avatar cache hits.", namespace=ns, registry=r)
+        self.cache_misses = Counter("avatar_cache_misses", "Avatar cache misses.", namespace=ns, registry=r)
         self._gpu_memory = gpu_memory
         r.register(_GpuMemoryCollector(self))
         # Label values known up front are exported at 0 from the start, so rate() has a baseline.

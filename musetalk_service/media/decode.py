@@ -8,7 +8,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from musetalk_service.media.ffmpeg import FFmpegPipe, file_arg, find_ffmpeg
+from musetalk_service.media.ffmpeg import FFmpegPipe, exact_rate, file_arg, find_ffmpeg
 from musetalk_service.media.probe import VideoInfo
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ class VideoReader:
         self, path: str | os.PathLike, info: VideoInfo, fps: Fraction | None = None, ffmpeg: str | None = None
     ):
         self.path = path
-        self.fps = Fraction(fps) if fps is not None else info.fps
+        self.fps = exact_rate(fps) if fps is not None else info.fps
         self.width = info.width
         self.height = info.height
         self._frame_bytes = info.width * info.height * 3
@@ -54,7 +54,7 @@ class VideoReader:
             what=f"decoding {path}",
         )  # fmt: skip
 
-    def __enter__(self) -> "VideoReader":
+    def __enter__(self) -> VideoReader:
         self._pipe.start()
         return self
 
@@ -85,6 +85,8 @@ class VideoReader:
             self._eof = True
             self._pipe.finish()
             if leftover:
-                logger.warning("%s: ignoring a truncated last frame (%d of %d bytes)", self.path, leftover, self._frame_bytes)
+                logger.warning(
+                    "%s: ignoring a truncated last frame (%d of %d bytes)", self.path, leftover, self._frame_bytes
+                )
         self._frames_read += frames
         return batch[:frames]

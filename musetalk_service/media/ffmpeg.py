@@ -9,6 +9,7 @@ carrying the return code and the tail of stderr.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -16,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import threading
+from fractions import Fraction
 from pathlib import Path
 
 from musetalk_service.errors import FFmpegError, OutputNotWritable
@@ -54,13 +56,27 @@ def file_arg(path: str | os.PathLike) -> str:
     return "file:" + os.path.abspath(os.fspath(path))
 
 
+def exact_rate(fps) -> Fraction:
+    """`fps` (int, Fraction, float or a string like '30000/1001') as a positive Fraction for ffmpeg.
+
+    A float is snapped to the nearest ratio with a denominator up to 1,000,000 (29.97 -> 2997/100,
+    30000/1001 computed in floating point -> 30000/1001) rather than passed on as its 53-bit
+    binary value.
+    """
+    rate = fps if isinstance(fps, Fraction) else Fraction(fps).limit_denominator(1_000_000)
+    if rate <= 0:
+        raise ValueError(f"frame rate must be positive, got {fps!r}")
+    return rate
+
+
 def ensure_writable_dir(output_path: str | os.PathLike) -> Path:
     """Check that `output_path` can be created: its directory exists and is writable, and the path
     itself is not a directory. Raises `OutputNotWritable`; returns the path as a `Path`."""
     out = Path(output_path)
     parent = out.parent
     if not parent.is_dir():
-        raise OutputNotWritable(f"cannot write {out}: directory {parent} does not exist")
+        problem = "is not a directory" if parent.exists() else "does not exist"
+        raise OutputNotWritable(f"cannot write {out}: {parent} {problem}")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputNotWritable(f"cannot write {out}: directory {parent} is not writable")
     if out.is_dir():
@@ -123,7 +139,7 @@ class FFmpegPipe:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def __enter__(self) -> "FFmpegPipe":
+    def __enter__(self) -> FFmpegPipe:
         self.start()
         return self
 
@@ -163,6 +179,9 @@ class FFmpegPipe:
         except subprocess.TimeoutExpired:
             self.kill()
             raise self.error(f"timed out after {timeout:g} s") from None
+        except BaseException:  # e.g. KeyboardInterrupt while waiting: leave no ffmpeg behind
+            self.kill()
+            raise
         self._release()
         if proc.returncode != 0:
             raise self.error()
@@ -190,7 +209,10 @@ class FFmpegPipe:
         stdin = self._require_proc().stdin
         if stdin is None:
             raise RuntimeError(f"{self.what}: started without a stdin pipe")
-        view = memoryview(data).cast("B")
+        view = memoryview(data)
+        if view.nbytes == 0:
+            return  # and an empty shape can't be cast to bytes
+        view = view.cast("B")
         try:
             # A raw pipe write may be partial (a signal, a non-blocking fd); loop until all is in.
             while view:
@@ -272,17 +294,14 @@ class FFmpegPipe:
     def _close_stdin(self) -> None:
         stdin = self._proc.stdin if self._proc is not None else None
         if stdin is not None and not stdin.closed:
-            try:
+            # Nothing is buffered (bufsize=0), so an error here loses nothing.
+            with contextlib.suppress(OSError):
                 stdin.close()
-            except OSError:  # nothing is buffered (bufsize=0), so a dead reader loses nothing
-                pass
 
     def _wait_dying(self) -> None:
         """After a broken pipe ffmpeg is exiting; wait briefly for its status, then force it."""
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self._proc.wait(_DYING_GRACE_S)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
         self.kill()
 
     def _release(self) -> None:

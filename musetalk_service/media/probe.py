@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 IMAGE_FPS = Fraction(25)
 """The frame rate given to a still image."""
 
+# ffmpeg "decodes" text files (.txt, .ans, .bin) as rendered ANSI/text-mode art; not a face video.
+_TEXT_ART_CODECS = frozenset({"ansi", "bintext", "xbin", "idf"})
 _MAX_SANE_FPS = 1000
 # An average rate within this relative distance of the nominal (r_frame_rate) one is the nominal
 # rate measured with rounding; the nominal rate is exact (30000/1001, not 2997/100).
@@ -124,6 +126,15 @@ def _frame_rate(stream: av.video.stream.VideoStream, path: Path) -> Fraction:
     return IMAGE_FPS
 
 
+def _check_not_truncated(stream: av.stream.Stream, path: Path, error: type[Exception], kind: str) -> None:
+    """Fail when the container's index points past the end of the file (a cut-off upload whose
+    header survived, e.g. a faststart MP4): decoding would silently stop early."""
+    end = max((entry.pos + entry.size for entry in stream.index_entries if entry.pos >= 0), default=0)
+    size = path.stat().st_size
+    if end > size:
+        raise error(f"{path} is truncated: its {kind} data runs to byte {end} but the file has {size} bytes")
+
+
 def _first_frame(container: av.container.InputContainer, stream: av.stream.Stream, path: Path, error, kind: str):
     try:
         for frame in container.decode(stream):
@@ -145,6 +156,9 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
         if stream is None:
             kinds = sorted({s.type for s in container.streams}) or ["no streams"]
             raise NoVideoStream(f"{p} has no video stream (it holds: {', '.join(kinds)})")
+        if stream.codec_context.codec.canonical_name in _TEXT_ART_CODECS:
+            raise NotAVideo(f"{p} is a text file, not a video")
+        _check_not_truncated(stream, p, NotAVideo, "video")
         first = _first_frame(container, stream, p, NotAVideo, "video")
         if first is None:
             raise NotAVideo(f"{p}: the video stream has no decodable frames")
@@ -188,6 +202,7 @@ def probe_audio(path: str | os.PathLike) -> AudioInfo:
             kinds = sorted({s.type for s in container.streams}) or ["no streams"]
             raise BadAudio(f"{p} has no audio stream (it holds: {', '.join(kinds)})")
         stream = container.streams.audio[0]
+        _check_not_truncated(stream, p, BadAudio, "audio")
         first = _first_frame(container, stream, p, BadAudio, "audio")
         if first is None or first.samples == 0:
             raise BadAudio(f"{p}: the audio stream contains no samples")

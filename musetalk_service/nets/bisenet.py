@@ -161,7 +161,7 @@ class BiSeNet(nn.Module):
 
 
 def build(size: Literal["tiny", "full"] = "full") -> BiSeNet:
-    """A randomly initialised BiSeNet in eval mode: "full" is the real network (13.3 M parameters), "tiny" the test one."""
+    """A randomly initialised BiSeNet in eval mode: "full" (13.3 M parameters, the real one) or "tiny" (tests)."""
     if size not in WIDTHS:
         raise ValueError(f"size must be one of {sorted(WIDTHS)}, got {size!r}")
     return BiSeNet(width=WIDTHS[size]).eval()

@@ -70,7 +70,12 @@ FULL_VAE_CONFIG = {
     "up_block_types": ["UpDecoderBlock2D"] * 4,
 }
 # Four blocks keep the 8x downsampling (256x256 face -> 4x32x32 latent) with few channels.
-TINY_VAE_CONFIG = {**FULL_VAE_CONFIG, "block_out_channels": [16, 16, 32, 32], "layers_per_block": 1, "norm_num_groups": 8}
+TINY_VAE_CONFIG = {
+    **FULL_VAE_CONFIG,
+    "block_out_channels": [8, 16, 16, 16],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+}
 
 # openai/whisper-tiny (spec §2.3).
 FULL_WHISPER_CONFIG = {
@@ -109,6 +114,8 @@ def write_random_weights(models_dir: str | Path, size: Size = "tiny", seed: int 
         raise ValueError(f"size must be 'tiny' or 'full', got {size!r}")
     models_dir = Path(models_dir)
     models_dir.mkdir(parents=True, exist_ok=True)
+    # Dropped first and written last: a run that stops half-way leaves the folder "custom".
+    (models_dir / PROVENANCE_FILE).unlink(missing_ok=True)
     full = size == "full"
     logger.info("writing %s random weights to %s", size, models_dir)
 

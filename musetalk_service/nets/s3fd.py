@@ -26,12 +26,17 @@ logger = logging.getLogger(__name__)
 
 WIDTHS = {"tiny": 4, "full": 64}
 
-# MuseTalk flips BGR to RGB and then subtracts this mean, which the Caffe original defined in BGR
-# order. The public weights were converted from that BGR model; we keep MuseTalk's order on purpose
-# because its detections (and so its face boxes) are what the pipeline reproduces.
+# MuseTalk flips BGR to RGB and then subtracts this mean, which the original Caffe S3FD defines in
+# BGR order. We keep MuseTalk's order on purpose: its detections, and so its face boxes, are what
+# the pipeline reproduces.
 _MEAN = (104.0, 117.0, 123.0)
 _VARIANCES = (0.1, 0.2)
 _ANCHOR_PER_STRIDE = 4
+# NMS input cap per image. Greedy NMS decides each box from higher-scored boxes alone, so capping
+# at the top N changes nothing about which of those N survive, and callers use the best few. It
+# bounds the cost where nearly every anchor passes (random weights pass ~20 000 per 1080p frame,
+# which took NMS 28 s; trained weights pass tens to hundreds).
+_MAX_NMS_INPUT = 1000
 
 # VGG16 stages: (channels as a multiple of width, conv names). Each stage ends with a 2x2 max pool.
 _VGG_STAGES = (
@@ -90,9 +95,9 @@ class S3FD(nn.Module):
             for name in names:
                 self.add_module(name, nn.Conv2d(in_ch, mult * width, 3, padding=1))
                 in_ch = mult * width
-        # face-alignment's port dropped the Caffe model's dilation of fc6 but kept its padding of
-        # 3, so the stride-32..128 maps are 4 cells larger than the image needs. The checkpoint
-        # is only ever run this way (by face-alignment and MuseTalk): kept for identical boxes.
+        # Padding 3 without dilation, as in face-alignment's port: the fc7 map comes out 4 cells
+        # larger than stride 32 alone gives (conv6_2 2, conv7_2 1), with anchors past the image.
+        # The checkpoint is only ever run this way (face-alignment, MuseTalk): kept for identical boxes.
         self.fc6 = nn.Conv2d(8 * width, 16 * width, 3, padding=3)
         self.fc7 = nn.Conv2d(16 * width, 16 * width, 1)
         self.conv6_1 = nn.Conv2d(16 * width, 4 * width, 1)
@@ -200,7 +205,8 @@ def decode_detections(
     The reference runs NMS over every candidate above `candidate_threshold` and then keeps scores
     above `score_threshold`. Greedy NMS never lets a lower score suppress a higher one, so running
     it only over scores above the larger of the two thresholds gives the same boxes, with a handful
-    of candidates instead of thousands.
+    of candidates instead of thousands. For the same reason only the 1000 best candidates of an
+    image enter NMS: the boxes kept among them are exactly the reference's.
     """
     threshold = max(score_threshold, candidate_threshold)
     batch = outputs[0][0].shape[0]
@@ -217,13 +223,15 @@ def decode_detections(
         w = anchor * torch.exp(offsets[:, 2] * _VARIANCES[1])
         h = anchor * torch.exp(offsets[:, 3] * _VARIANCES[1])
         sx, sy = scale_xy
-        boxes = torch.stack([(cx - w / 2) / sx, (cy - h / 2) / sy, (cx + w / 2) / sx, (cy + h / 2) / sy, prob[b, y, x]], 1)
-        found.append((b, boxes))
+        corners = [(cx - w / 2) / sx, (cy - h / 2) / sy, (cx + w / 2) / sx, (cy + h / 2) / sy]
+        found.append((b, torch.stack([*corners, prob[b, y, x]], dim=1)))
     image = torch.cat([b for b, _ in found]).cpu().numpy()
     boxes = torch.cat([bx for _, bx in found]).cpu().numpy()
     results = []
     for i in range(batch):
         mine = boxes[image == i]
+        if len(mine) > _MAX_NMS_INPUT:
+            mine = mine[np.argpartition(-mine[:, 4], _MAX_NMS_INPUT)[:_MAX_NMS_INPUT]]
         results.append(mine[nms(mine, nms_iou)].astype(np.float32))
     return results
 
@@ -242,9 +250,9 @@ def detect_faces(
 
     Returns one float32 array [k,5] (x1,y1,x2,y2,score) per frame, in frame pixels, highest score
     first (k may be 0). `scale` resizes the frames before the network (antialiased when shrinking);
-    S3FD's cost is linear in pixels and talking-head faces are large, so 0.5 costs a quarter and
-    still finds them. The batch runs on the model's device and dtype in one pass: callers size it
-    to fit memory.
+    S3FD's cost is linear in pixels and talking-head faces are large: 0.5 costs a quarter and leaves
+    a 300 px face at 150 px, well inside the anchors' 16-512 px. The batch runs on the model's
+    device and dtype in one pass: callers size it to fit memory.
     """
     if frames_bgr.ndim != 4 or frames_bgr.shape[-1] != 3 or frames_bgr.dtype != np.uint8:
         raise ValueError(f"frames must be uint8 [B,H,W,3], got {frames_bgr.dtype} {frames_bgr.shape}")

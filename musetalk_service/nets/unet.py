@@ -18,10 +18,10 @@ from torch import nn
 
 from musetalk_service.nets.layout import weight_file
 from musetalk_service.nets.loading import WeightsFileError, build_and_load, load_state_dict, read_json
-from musetalk_service.settings import REPO_ROOT
 
-# The official v1.5 config, shipped in configs/; the random-weights writer copies it.
-OFFICIAL_CONFIG = REPO_ROOT / "configs" / "musetalk.json"
+# The official v1.5 config, shipped in the checkout's configs/; the random-weights writer copies it.
+# Located from this file rather than via settings, so that nets/ needs no settings stack.
+OFFICIAL_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "musetalk.json"
 
 
 class PositionalEncoding(nn.Module):

@@ -12,8 +12,9 @@ memory and is what made the official code run out of GPU memory on long audio.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from fractions import Fraction
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,7 +78,7 @@ class AudioFeatures:
         self.encoder_frames = encoder_frames
         self.n_samples = n_samples
         self.fps = exact_fps(fps)
-        # Window starts and padding in exact integer arithmetic: mult = 50 / fps.
+        # Window starts and padding in exact integer arithmetic on the real rate (not int(fps)).
         self._mult_num = ENCODER_FPS * self.fps.denominator
         self._mult_den = self.fps.numerator
         self.padding = -(-self._mult_num // self._mult_den)
@@ -126,8 +127,8 @@ class AudioFeatures:
         """Audio tokens `[b, 10 * L, D]` for output frames `frame_indices`.
 
         Frame i takes the 10 encoder frames starting at a = floor(i * 50 / fps) in a sequence that
-        the official code pads with 2 * padding zero frames in front (and 6 * padding behind, so the
-        last windows never run short). So it covers original encoder frames
+        the official code pads with 2 * padding zero frames in front (and 6 * padding behind). So
+        it covers original encoder frames
         a - 2 * padding .. a - 2 * padding + 9, with zeros where that range leaves the track; at
         25 fps that is 80 ms before the frame's start to 120 ms after it. The padding is never
         materialised: indices outside the track are gathered as zeros. Tokens are ordered
@@ -150,9 +151,7 @@ class AudioFeatures:
 
 def _encode_segments(models: Any, segments: list[np.ndarray]) -> torch.Tensor:
     """Encode up to SEGMENTS_PER_BATCH segments in one pass -> `[len(segments) * 1500, L, D]`."""
-    features = models.feature_extractor(
-        segments, sampling_rate=SAMPLE_RATE, return_tensors="pt"
-    ).input_features
+    features = models.feature_extractor(segments, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
     features = features.to(device=models.device, dtype=models.dtype)
     with torch.inference_mode():
         hidden = models.whisper(input_features=features, output_hidden_states=True).hidden_states

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from musetalk_service.errors import BadAudio, Cancelled, InvalidOption, NoFace
+from musetalk_service.errors import BadAudio, Cancelled, NoFace
 from musetalk_service.media.audio import load_audio
 from musetalk_service.media.encode import EncoderChoice, VideoEncoder, choose_encoder
 from musetalk_service.media.ffmpeg import find_ffmpeg
@@ -86,13 +86,11 @@ class LipsyncPipeline:
             video = probe_video(request.video_path)
             probe_audio(request.audio_path)
         fps = Fraction(request.fps).limit_denominator(_FPS_MAX_DENOMINATOR) if request.fps else video.fps
-        if request.face_box is not None:
-            _check_face_box(request.face_box, video.width, video.height)
 
         # 2. Audio: whisper features for the whole track; the output has floor(seconds * fps) frames.
         with timer.phase("audio", gpu=True):
             samples = load_audio(request.audio_path, self.ffmpeg)
-            audio = AudioFeatures(self.models, samples, fps)
+            audio = AudioFeatures.from_samples(self.models, samples, fps)
         total = audio.frame_count
         if total == 0:
             raise BadAudio(f"{request.audio_path}: audio is shorter than one video frame ({len(samples) / 16000:.3f} s)")
@@ -173,12 +171,6 @@ class LipsyncPipeline:
     def _sync(self) -> None:
         if self.models.device.type == "cuda":
             torch.cuda.synchronize(self.models.device)
-
-
-def _check_face_box(box: FaceBox, width: int, height: int) -> None:
-    x1, y1, x2, y2 = box
-    if not (0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height):
-        raise InvalidOption(f"face_box {list(box)} must lie inside the {width}x{height} frame with x1<x2 and y1<y2")
 
 
 def _no_progress(phase: str, done: int, total: int) -> None:

@@ -1,0 +1,332 @@
+"""The `musetalk-service` command: serve, run, weights random|download|check, demo.
+
+Heavy modules (torch, the networks, uvicorn) are imported inside the command that needs them, so
+`--help` and argument errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pydantic
+
+from musetalk_service.errors import ServiceError, WeightsError
+from musetalk_service.settings import LipsyncDefaults, Settings, load_settings
+
+if TYPE_CHECKING:
+    from musetalk_service.pipeline.request import LipsyncRequest
+    from musetalk_service.pipeline.runner import LipsyncPipeline
+
+# Exit codes: 1 a failed command (bad input, failed lip-sync, unusable weights folder); 2 the
+# service can't start (bad settings, missing weights), as argparse uses 2 for a bad command line.
+EXIT_FAILED = 1
+EXIT_CANNOT_START = 2
+
+# The demo clip: the astronaut photo scikit-image ships, as a few seconds of talking head.
+DEMO_SECONDS = 3.0
+DEMO_FPS = 25
+DEMO_SIZE = (512, 512)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return args.command(args)
+
+
+# --- serve -------------------------------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = _settings(args, host=args.host, port=args.port)
+    if settings is None:
+        return EXIT_CANNOT_START
+    import uvicorn
+
+    from musetalk_service.api.app import create_app
+    from musetalk_service.pipeline.runner import LipsyncPipeline
+
+    # Loaded before the socket opens: a server without usable weights never starts.
+    try:
+        pipeline = LipsyncPipeline.load(settings)
+    except WeightsError as e:
+        _error(f"cannot start: {e.message}")
+        return EXIT_CANNOT_START
+    app = create_app(settings, pipeline)
+    # log_config=None: uvicorn's loggers go through the logging set up in `_settings`.
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None))
+    server.run()
+    return 0 if server.started else EXIT_CANNOT_START
+
+
+# --- run ---------------------------------------------------------------------------------------
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if settings is None:
+        return EXIT_CANNOT_START
+    from musetalk_service.api.errors import describe_validation_errors
+    from musetalk_service.api.routes import prepare_request
+    from musetalk_service.api.schemas import LipsyncBody
+    from musetalk_service.pipeline.runner import LipsyncPipeline
+
+    fields = {name: getattr(args, name) for name in LipsyncDefaults.model_fields}
+    try:
+        body = LipsyncBody(
+            video_path=args.video, audio_path=args.audio, output_path=args.output,
+            face_box=args.face_box, fps=args.fps, **fields,
+        )
+        request = prepare_request(body, settings)
+        pipeline = LipsyncPipeline.load(settings)
+        _lipsync(pipeline, request)
+    except pydantic.ValidationError as e:
+        _error(f"invalid option: {describe_validation_errors(e.errors())}")
+        return EXIT_FAILED
+    except ServiceError as e:
+        _error(f"[{e.code}] {e.message}")
+        return EXIT_FAILED
+    return 0
+
+
+def _lipsync(pipeline: LipsyncPipeline, request: LipsyncRequest) -> None:
+    """Run one request with a progress bar, then print where the output went and the timings."""
+    from tqdm import tqdm
+
+    with tqdm(unit="frame", desc="lip-sync", dynamic_ncols=True) as bar:
+
+        def progress(phase: str, done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        result = pipeline.run(request, progress=progress)
+    print(f"\nwrote {result.output_path}")
+    print(
+        f"{result.frames} frames at {result.fps:g} fps, {result.duration_s:.2f} s; encoder {result.encoder}; "
+        f"weights {result.weights}; frames without a face {result.frames_without_face}; "
+        f"blend fallbacks {result.fallbacks}"
+    )
+    print(_timings_table(result.timings))
+    if result.weights == "random":
+        _random_weights_warning()
+
+
+def _timings_table(timings: dict[str, float]) -> str:
+    total = timings["total"]
+    rows = [f"{'phase':<12}{'seconds':>10}{'share':>8}"]
+    rows += [
+        f"{phase:<12}{seconds:>10.3f}{seconds / total if total else 0:>8.1%}"
+        for phase, seconds in timings.items()
+        if phase != "total"
+    ]
+    rows.append(f"{'total':<12}{total:>10.3f}")
+    return "\n".join(rows)
+
+
+# --- weights -----------------------------------------------------------------------------------
+
+
+def _weights_random(args: argparse.Namespace) -> int:
+    _configure_logging("INFO")
+    from musetalk_service.nets.random_weights import write_random_weights
+
+    folder = write_random_weights(args.dir, args.size)
+    print(f"wrote {args.size} random weights to {folder}")
+    _random_weights_warning()
+    return 0
+
+
+def _weights_download(args: argparse.Namespace) -> int:
+    _configure_logging("INFO")
+    from musetalk_service.nets.download import download_weights
+
+    try:
+        download_weights(args.dir)
+    # huggingface_hub's and urllib's network errors are all OSErrors.
+    except (ServiceError, OSError) as e:
+        _error(f"download failed: {e}")
+        return EXIT_FAILED
+    print(f"downloaded the official weights to {args.dir}")
+    return 0
+
+
+def _weights_check(args: argparse.Namespace) -> int:
+    _configure_logging("WARNING")
+    from musetalk_service.nets.check import check_weights
+    from musetalk_service.nets.layout import DOWNLOAD_COMMAND
+
+    report = check_weights(args.dir)
+    print(report.summary())
+    if report.ok:
+        return 0
+    print(f"fetch the missing or malformed files with: {DOWNLOAD_COMMAND.format(dir=args.dir)}")
+    return EXIT_FAILED
+
+
+# --- demo --------------------------------------------------------------------------------------
+
+
+def _demo(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if settings is None:
+        return EXIT_CANNOT_START
+    from musetalk_service.api.routes import prepare_request
+    from musetalk_service.api.schemas import LipsyncBody
+    from musetalk_service.media.ffmpeg import find_ffmpeg
+    from musetalk_service.pipeline.runner import LipsyncPipeline
+
+    try:
+        pipeline = LipsyncPipeline.load(settings)
+    except WeightsError as e:
+        print(f"no usable weights in {settings.models_dir} ({e.message})")
+        settings = settings.model_copy(update={"models_dir": _tiny_weights()})
+        print(f"using tiny random weights from {settings.models_dir}")
+        pipeline = LipsyncPipeline.load(settings)
+    random_weights = pipeline.health()["weights"] == "random"
+
+    output = Path(args.output) if args.output else settings.output_dir / "demo.mp4"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="musetalk-demo-", dir=settings.work_dir) as work:
+        video, audio, face_box = _demo_inputs(Path(work), find_ffmpeg(settings.encode.ffmpeg_path))
+        body = LipsyncBody(
+            video_path=str(video), audio_path=str(audio), output_path=str(output),
+            # Random weights can't detect a face: tell the pipeline where it is.
+            face_box=face_box if random_weights else None,
+        )
+        try:
+            _lipsync(pipeline, prepare_request(body, settings))
+        except ServiceError as e:
+            _error(f"[{e.code}] {e.message}")
+            return EXIT_FAILED
+    return 0
+
+
+def _tiny_weights() -> Path:
+    """Tiny random weights in the user's cache, written on first use."""
+    from musetalk_service.nets.check import check_weights
+    from musetalk_service.nets.random_weights import write_random_weights
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "musetalk-service" / "tiny-random-weights"
+    if not check_weights(cache).ok:
+        write_random_weights(cache, "tiny")
+    return cache
+
+
+def _demo_inputs(work: Path, ffmpeg: str) -> tuple[Path, Path, list[int]]:
+    """A short talking-head clip of scikit-image's astronaut, a speech-like track, and her face box."""
+    from musetalk_service.media import synth
+
+    video = synth.write_talking_head_video(work / "astronaut.mp4", DEMO_SECONDS, DEMO_FPS, DEMO_SIZE, ffmpeg=ffmpeg)
+    audio = synth.write_speech_like_audio(work / "speech.wav", DEMO_SECONDS, ffmpeg=ffmpeg)
+    # The head moves by a few percent only: the first frame's box holds for the whole clip.
+    first = next(synth.talking_head_frames(1, DEMO_FPS, DEMO_SIZE))
+    return video, audio, _find_face(first)
+
+
+def _find_face(frame) -> list[int]:
+    """MuseTalk's crop box for the best frontal face that OpenCV's Haar cascade finds in `frame`."""
+    from musetalk_service.nets.haar_face import HaarFaceDetector, musetalk_box_from_face_box
+
+    faces = HaarFaceDetector().detect(frame)[0]
+    height, width = frame.shape[:2]
+    return list(musetalk_box_from_face_box(faces[0], width, height))
+
+
+# --- shared ------------------------------------------------------------------------------------
+
+
+def _settings(args: argparse.Namespace, **overrides) -> Settings | None:
+    """The settings with this command's flags on top; sets up logging. None (after saying why) if invalid."""
+    try:
+        settings = load_settings(args.config, models_dir=args.models, device=args.device, **overrides)
+    except (pydantic.ValidationError, FileNotFoundError) as e:
+        _configure_logging("INFO")
+        _error(f"bad settings: {e}")
+        return None
+    _configure_logging(settings.log_level)
+    return settings
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
+def _random_weights_warning() -> None:
+    lines = [
+        "WARNING: RANDOM WEIGHTS",
+        "The networks hold random numbers, not trained MuseTalk weights.",
+        "The output has the real shape and compute cost, but its mouths are noise:",
+        "it is NOT a lip-sync. For real output:",
+        "  musetalk-service weights download --dir models",
+    ]
+    width = max(map(len, lines))
+    print("\n".join(["#" * (width + 4), *(f"# {line:<{width}} #" for line in lines), "#" * (width + 4)]))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="musetalk-service", description="MuseTalk 1.5 lip-sync service and tools.")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.set_defaults(command=handler)
+        return sub
+
+    def settings_flags(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--models", type=Path, help="weights folder (default: settings models_dir)")
+        sub.add_argument("--device", help="torch device: auto, cpu, cuda:0... (default: settings device)")
+        sub.add_argument("--config", type=Path, help="settings YAML (default: configs/default.yaml)")
+
+    serve = command("serve", _serve, "Serve the HTTP API with the models resident.")
+    settings_flags(serve)
+    serve.add_argument("--host", help="address to listen on (default: settings host)")
+    serve.add_argument("--port", type=int, help="port to listen on (default: settings port)")
+
+    run = command("run", _run, "Lip-sync one video to one speech track from the shell.")
+    run.add_argument("--video", required=True, help="talking-head video")
+    run.add_argument("--audio", required=True, help="speech track")
+    run.add_argument("--output", help="output MP4 (default: output_dir/<video>_<audio>_<id>.mp4)")
+    run.add_argument("--face-box", type=int, nargs=4, metavar=("X1", "Y1", "X2", "Y2"), help="skip detection: this box on every frame")
+    run.add_argument("--fps", type=float, help="output frame rate (default: the video's)")
+    _option_flags(run)
+    settings_flags(run)
+
+    weights = commands.add_parser("weights", help="Write, download or check a weights folder.")
+    weight_commands = weights.add_subparsers(required=True, metavar="ACTION")
+    for name, handler, help in (
+        ("random", _weights_random, "Write random weights in the official formats (tests, benchmarks)."),
+        ("download", _weights_download, "Download the official weights from the Hugging Face hub."),
+        ("check", _weights_check, "Say which files are present, missing or malformed; exit 1 unless all are usable."),
+    ):
+        sub = weight_commands.add_parser(name, help=help, description=help)
+        sub.set_defaults(command=handler)
+        sub.add_argument("--dir", type=Path, required=True, help="the weights folder")
+    weight_commands.choices["random"].add_argument(
+        "--size", choices=("tiny", "full"), default="tiny", help="tiny: CPU-fast test networks; full: the official architectures"
+    )
+
+    demo = command("demo", _demo, "Offline demo: lip-sync a clip built from scikit-image's astronaut.")
+    settings_flags(demo)
+    demo.add_argument("--output", help="output MP4 (default: output_dir/demo.mp4)")
+    return parser
+
+
+def _option_flags(sub: argparse.ArgumentParser) -> None:
+    """One flag per per-request option, typed from `LipsyncDefaults` (ranges are checked by the API schema)."""
+    for name, field in LipsyncDefaults.model_fields.items():
+        choices = typing.get_args(field.annotation) or None
+        sub.add_argument(
+            "--" + name.replace("_", "-"), dest=name, type=None if choices else field.annotation,
+            choices=choices, help=f"{field.description or ''} (default: settings lipsync.{name})".lstrip(),
+        )

@@ -1,0 +1,54 @@
+"""Put the speech track on the lip-synced video: one pass, video copied, never re-encoded."""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+
+from musetalk_service.media.ffmpeg import ensure_writable_dir, file_arg, run_ffmpeg
+from musetalk_service.media.probe import probe_audio, probe_video
+
+logger = logging.getLogger(__name__)
+
+MP4_COPY_AUDIO_CODECS = frozenset({"aac", "mp3", "alac", "ac3", "eac3", "opus"})
+"""Audio codecs copied into the MP4 as they are. This ffmpeg would also mux vorbis, flac and PCM
+into MP4, but common players (browsers, QuickTime) don't play those from MP4, so they become AAC."""
+
+_AAC_ARGS = ["-c:a", "aac", "-b:a", "192k"]
+
+
+def mux_audio(
+    video_path: str | os.PathLike, audio_path: str | os.PathLike, output_path: str | os.PathLike, ffmpeg: str
+) -> None:
+    """Write `output_path` (MP4): the first video stream of `video_path`, copied, and the first
+    audio stream of `audio_path`, copied where MP4 players take its codec, else AAC 192k.
+
+    No `-shortest`: the output lasts as long as the longer track, which is the audio when the
+    video has floor(audio_s * fps) frames. The file is written under a hidden temporary name in
+    the same directory and renamed into place, so `output_path` is either complete or untouched.
+
+    Raises `OutputNotWritable` (checked before ffmpeg runs), `InputFileNotFound`, `NoVideoStream`,
+    `NotAVideo`, `BadAudio`, `FFmpegError`.
+    """
+    out = ensure_writable_dir(output_path)
+    probe_video(video_path)
+    audio = probe_audio(audio_path)
+    audio_args = ["-c:a", "copy"] if audio.codec in MP4_COPY_AUDIO_CODECS else _AAC_ARGS
+    # A unique name, not mkstemp: mkstemp's 0600 mode would survive the rename.
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:12]}.part")
+    args = [
+        "-i", file_arg(video_path),
+        "-i", file_arg(audio_path),
+        "-map", "0:v:0", "-map", "1:a:0",
+        "-c:v", "copy", *audio_args,
+        "-movflags", "+faststart",
+        "-f", "mp4", file_arg(tmp),
+    ]  # fmt: skip
+    try:
+        run_ffmpeg(ffmpeg, args, what=f"muxing {audio_path} onto {video_path}")
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    logger.debug("muxed %s (audio %s: %s)", out, audio.codec, "copied" if audio_args[-1] == "copy" else "AAC")

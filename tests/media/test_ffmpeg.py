@@ -1,0 +1,125 @@
+"""The ffmpeg runner: binary lookup, failures, timeouts, stderr handling, process hygiene."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from fractions import Fraction
+
+import pytest
+
+from musetalk_service.errors import FFmpegError, OutputNotWritable
+from musetalk_service.media.ffmpeg import FFmpegPipe, ensure_writable_dir, exact_rate, find_ffmpeg, run_ffmpeg
+
+from .conftest import pid_alive
+
+
+def test_find_ffmpeg_default_is_executable():
+    path = find_ffmpeg()
+    assert os.path.isfile(path) and os.access(path, os.X_OK)
+
+
+def test_find_ffmpeg_honours_configured_path(ffmpeg_exe):
+    assert find_ffmpeg(ffmpeg_exe) == ffmpeg_exe
+
+
+def test_find_ffmpeg_rejects_missing_configured_path(tmp_path):
+    with pytest.raises(FFmpegError, match="does not exist"):
+        find_ffmpeg(str(tmp_path / "no-ffmpeg"))
+
+
+def test_run_ffmpeg_failure_carries_returncode_and_stderr(ffmpeg_exe, tmp_path):
+    missing = tmp_path / "missing.mp4"
+    with pytest.raises(FFmpegError) as info:
+        run_ffmpeg(ffmpeg_exe, ["-i", str(missing), "-f", "null", "-"], what="test run")
+    err = info.value
+    assert err.returncode not in (0, None)
+    assert "missing.mp4" in err.stderr_tail
+    assert "test run" in err.message and f"exit code {err.returncode}" in err.message
+    assert err.stderr_tail in err.message
+
+
+def test_run_ffmpeg_timeout_kills(ffmpeg_exe):
+    started = time.monotonic()
+    with pytest.raises(FFmpegError, match="timed out after 0.5 s, killed by SIGKILL") as info:
+        run_ffmpeg(
+            ffmpeg_exe, ["-re", "-f", "lavfi", "-i", "testsrc=size=64x64:rate=25", "-f", "null", "-"], timeout=0.5
+        )
+    assert time.monotonic() - started < 5
+    assert info.value.returncode == -signal.SIGKILL
+
+
+def test_nostdin_only_without_stdin_pipe(ffmpeg_exe):
+    assert "-nostdin" in FFmpegPipe(ffmpeg_exe, ["-version"]).command
+    assert "-nostdin" not in FFmpegPipe(ffmpeg_exe, ["-version"], stdin=True).command
+
+
+def test_chatty_ffmpeg_does_not_deadlock(ffmpeg_exe):
+    """Megabytes of debug output on stderr while we read stdout: without the drain thread ffmpeg
+    blocks on a full stderr pipe and we block on stdout forever."""
+    args = [
+        "-debug_ts",
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=size=64x64:rate=100:duration=10",
+        "-f",
+        "rawvideo",
+        "-pix_fmt",
+        "bgr24",
+        "pipe:1",
+    ]
+    pipe = FFmpegPipe(ffmpeg_exe, args, stdout=True, loglevel="debug")
+    watchdog = threading.Timer(60, pipe.kill)
+    watchdog.start()
+    try:
+        with pipe:
+            data = pipe.read_all()
+    finally:
+        watchdog.cancel()
+    assert len(data) == 1000 * 64 * 64 * 3
+    assert pipe.stderr_bytes > 10 * 65536  # far beyond a pipe buffer
+    assert "Exiting with exit code 0" in pipe.stderr_tail  # the tail is the latest output
+
+
+def test_exception_inside_pipe_kills_and_reaps(ffmpeg_exe):
+    with pytest.raises(RuntimeError, match="boom"):
+        with FFmpegPipe(
+            ffmpeg_exe, ["-f", "lavfi", "-i", "testsrc=size=64x64:rate=25", "-f", "rawvideo", "pipe:1"], stdout=True
+        ) as pipe:
+            pid = pipe.pid
+            raise RuntimeError("boom")
+    assert pipe.returncode == -signal.SIGKILL
+    assert not pid_alive(pid)
+
+
+def test_write_to_dead_ffmpeg_raises_ffmpeg_error(ffmpeg_exe):
+    args = ["-f", "rawvideo", "-pix_fmt", "gray", "-video_size", "64x64", "-i", "pipe:0", "-f", "null", "-"]
+    with pytest.raises(FFmpegError, match="stopped reading its input") as info:
+        with FFmpegPipe(ffmpeg_exe, args, stdin=True) as pipe:
+            pid = pipe.pid
+            os.kill(pid, signal.SIGKILL)
+            for _ in range(100):
+                pipe.write(bytes(1 << 20))
+    assert info.value.returncode == -signal.SIGKILL
+    assert not pid_alive(pid)
+
+
+def test_ensure_writable_dir(tmp_path, readonly_dir):
+    assert ensure_writable_dir(tmp_path / "out.mp4") == tmp_path / "out.mp4"
+    with pytest.raises(OutputNotWritable, match="does not exist"):
+        ensure_writable_dir(tmp_path / "nope" / "out.mp4")
+    with pytest.raises(OutputNotWritable, match="is a directory"):
+        ensure_writable_dir(tmp_path)
+    with pytest.raises(OutputNotWritable, match="not writable"):
+        ensure_writable_dir(readonly_dir / "out.mp4")
+
+
+def test_exact_rate():
+    assert exact_rate(30000 / 1001) == Fraction(30000, 1001)
+    assert exact_rate(29.97) == Fraction(2997, 100)
+    assert exact_rate(25) == 25 and exact_rate("24000/1001") == Fraction(24000, 1001)
+    with pytest.raises(ValueError, match="positive"):
+        exact_rate(0)

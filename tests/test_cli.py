@@ -1,0 +1,97 @@
+"""The `musetalk-service` command: weights, serve refusing to start, run and demo end to end."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from musetalk_service.cli import main
+from musetalk_service.media.probe import probe_audio, probe_video
+from musetalk_service.pipeline.result import PHASES
+from tests.api.live import FACE_BOX
+
+CONSOLE_SCRIPT = Path(sys.executable).with_name("musetalk-service")
+
+
+def test_random_tiny_weights_pass_the_check(tmp_path, capsys):
+    models = tmp_path / "models"
+
+    assert main(["weights", "random", "--size", "tiny", "--dir", str(models)]) == 0
+    assert main(["weights", "check", "--dir", str(models)]) == 0
+
+    out = capsys.readouterr().out
+    assert "RANDOM WEIGHTS" in out
+    assert f"weights in {models}: random, ok" in out
+
+
+def test_check_of_an_empty_folder_fails_naming_the_missing_files(tmp_path, capsys):
+    assert main(["weights", "check", "--dir", str(tmp_path)]) == 1
+
+    out = capsys.readouterr().out
+    assert "missing" in out and "musetalkV15/unet.pth" in out and "face-parse-bisent/79999_iter.pth" in out
+    assert f"musetalk-service weights download --dir {tmp_path}" in out
+
+
+def test_serve_refuses_to_start_without_weights(tmp_path):
+    # The console script in a process of its own, as an operator or a container runs it.
+    done = subprocess.run(
+        [str(CONSOLE_SCRIPT), "serve", "--models", str(tmp_path), "--device", "cpu", "--port", "1"],
+        capture_output=True, text=True, timeout=120,
+    )
+
+    assert done.returncode == 2, done.stderr
+    assert "musetalkV15/unet.pth" in done.stderr
+    assert f"musetalk-service weights download --dir {tmp_path}" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_run_writes_the_mp4_and_prints_the_timings(tiny_models_dir, talking_head_video, speech_wav, tmp_path, capsys):
+    output = tmp_path / "out.mp4"
+
+    code = main([
+        "run", "--video", str(talking_head_video), "--audio", str(speech_wav), "--output", str(output),
+        "--face-box", *map(str, FACE_BOX), "--batch-size", "8", "--models", str(tiny_models_dir), "--device", "cpu",
+    ])
+
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert probe_video(output).frame_count == 50
+    assert f"wrote {output}" in out
+    table = out[out.index("phase"):]
+    for phase in (*PHASES, "total"):
+        assert f"\n{phase} " in table
+    assert "RANDOM WEIGHTS" in out
+
+
+def test_run_with_a_bad_input_says_what_is_wrong(tiny_models_dir, speech_wav, tmp_path, capsys):
+    code = main(["run", "--video", str(tmp_path / "nope.mp4"), "--audio", str(speech_wav), "--models", str(tiny_models_dir)])
+
+    assert code == 1
+    assert "[file_not_found] video_path" in capsys.readouterr().err
+
+
+def test_run_with_a_bad_option_value_says_which(tiny_models_dir, talking_head_video, speech_wav, capsys):
+    code = main([
+        "run", "--video", str(talking_head_video), "--audio", str(speech_wav), "--batch-size", "0",
+        "--models", str(tiny_models_dir),
+    ])
+
+    assert code == 1
+    assert "batch_size: Input should be greater than or equal to 1" in capsys.readouterr().err
+
+
+def test_demo_without_weights_uses_tiny_random_ones_and_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    empty = tmp_path / "models"
+    empty.mkdir()
+    output = tmp_path / "demo.mp4"
+
+    code = main(["demo", "--models", str(empty), "--output", str(output), "--device", "cpu"])
+
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "RANDOM WEIGHTS" in out and "NOT a lip-sync" in out
+    assert f"wrote {output}" in out and "total" in out
+    assert probe_video(output).frame_count > 0
+    assert probe_audio(output).duration_s > 0
