@@ -48,6 +48,51 @@ class LipsyncDefaults(BaseModel):
     mask_every: int = Field(5, ge=1, le=1000, description="Recompute the face-parsing mask every N source frames.")
 
 
+class SmoothingSettings(BaseModel):
+    """One-Euro smoothing of the crop boxes (see pipeline/tracking.py for how they were tuned)."""
+
+    enabled: bool = True
+    min_cutoff: float = Field(0.2, gt=0, description="Hz; cutoff while the head is still (lower is steadier).")
+    beta: float = Field(15.0, ge=0, description="How fast the cutoff opens with head speed.")
+    d_cutoff: float = Field(1.0, gt=0, description="Hz; cutoff of the speed estimate.")
+    speed_floor: float = Field(0.1, ge=0, description="Face sizes/s taken for detector noise.")
+    hold_px: float = Field(0.8, ge=0, description="Dead band when rounding boxes to pixels.")
+    jump_iou: float = Field(0.1, ge=0, le=1, description="A box overlapping the last less than this restarts the filter.")
+
+
+class FaceSettings(BaseModel):
+    """How faces are found and followed."""
+
+    detector: Literal["s3fd", "haar"] = Field(
+        "s3fd",
+        description="s3fd: S3FD + FAN 68 landmarks (weights in models/). haar: OpenCV's shipped Haar "
+        "cascade, no downloaded weights, coarser geometry, frontal faces only.",
+    )
+    detect_every: int = Field(5, ge=1, le=250, description="Run the detector every N frames; boxes in between are tracked.")
+    detect_max_side: int = Field(640, ge=64, le=4096, description="Frames are shrunk to this longer side for detection.")
+    smoothing: SmoothingSettings = SmoothingSettings()
+
+
+class JobSettings(BaseModel):
+    """The queue in front of the GPU."""
+
+    max_queue: int = Field(8, ge=1, le=10000, description="Jobs waiting for the GPU; beyond it, 429.")
+    keep_finished_s: float = Field(3600, ge=0, description="How long a finished job stays readable.")
+    time_limit_s: float | None = Field(1800, gt=0, description="Per-job limit from submission; null: none.")
+    shutdown_mode: Literal["finish", "cancel"] = Field("finish", description="What SIGTERM does to the running job.")
+    shutdown_timeout_s: float = Field(120, ge=0, description="How long shutdown waits for the running job.")
+
+
+class LimitSettings(BaseModel):
+    """Input limits; each breach is a clear 4xx."""
+
+    max_upload_bytes: int = Field(2 * 1024**3, ge=1, description="Largest multipart upload.")
+    max_video_seconds: float = Field(1800, gt=0)
+    max_audio_seconds: float = Field(1800, gt=0)
+    max_pixels: int = Field(3840 * 2160, ge=1, description="Largest frame (width x height).")
+    max_frames: int = Field(100_000, ge=1, description="Most output frames one request may ask for.")
+
+
 class Settings(BaseSettings):
     """Everything the service reads from configs/ and the environment."""
 
@@ -60,8 +105,14 @@ class Settings(BaseSettings):
     work_dir: Path | None = Field(None, description="Where per-request temp files go; unset: the system temp dir.")
     output_dir: Path = Field(Path("outputs"), description="Where outputs go when a request names no output_path.")
     log_level: str = "INFO"
+    input_roots: list[Path] = Field(default_factory=list, description="Inputs must resolve under one of these; empty: anywhere.")
+    output_roots: list[Path] = Field(default_factory=list, description="Outputs must resolve under one of these; empty: anywhere.")
+    api_key: str | None = Field(None, description="When set, every route but the liveness probe needs header X-API-Key.")
     encode: EncodeSettings = EncodeSettings()
     lipsync: LipsyncDefaults = LipsyncDefaults()
+    face: FaceSettings = FaceSettings()
+    jobs: JobSettings = JobSettings()
+    limits: LimitSettings = LimitSettings()
 
     @classmethod
     def settings_customise_sources(

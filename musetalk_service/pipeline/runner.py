@@ -97,7 +97,7 @@ class LipsyncPipeline:
 
         # 3. Per batch of output frames: read, find faces, encode crops, generate, blend, encode.
         source = SourceFrames(request.video_path, video, fps, self.ffmpeg, work_dir, total)
-        locator = FaceLocator(self.models, request)
+        locator = FaceLocator(self.models, request, self.settings.face, fps)
         blender = FaceBlender(self.models, request, retain=source.needs_cycle)
         boxes: dict[int, FaceBox | None] = {}
         latents: dict[int, torch.Tensor] = {}

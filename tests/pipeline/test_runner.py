@@ -1,0 +1,205 @@
+"""The whole pipeline on real media with tiny random weights: frame counts, rates, A/V length,
+ping-pong order, audio formats, pass-through of unchanged pixels and cleanup after failures."""
+
+from __future__ import annotations
+
+import os
+import threading
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from musetalk_service.errors import BadAudio, FFmpegError, InvalidOption, NoVideoStream, NotAVideo
+from musetalk_service.media.decode import VideoReader
+from musetalk_service.media.encode import VideoEncoder, encoder_for
+from musetalk_service.media.probe import count_video_frames, probe_audio, probe_video
+from musetalk_service.pipeline.request import LipsyncRequest
+from musetalk_service.pipeline.result import PHASES
+from musetalk_service.pipeline.source import pingpong_index
+
+FACE_BOX = (64, 72, 192, 224)
+"""Inside the 256x256 test clips, around the astronaut's face."""
+
+CODE_SIZE = 12
+"""Side of the top-left patch whose grey level encodes a frame's index (outside any blend square)."""
+
+
+def lipsync(pipeline, tmp_path: Path, video: Path, audio: Path, **options):
+    request = LipsyncRequest.with_defaults(
+        pipeline.settings.lipsync,
+        video_path=video,
+        audio_path=audio,
+        output_path=tmp_path / "out.mp4",
+        face_box=options.pop("face_box", FACE_BOX),
+        **options,
+    )
+    return pipeline.run(request)
+
+
+def decode_all(path: Path, ffmpeg: str) -> np.ndarray:
+    info = probe_video(path)
+    with VideoReader(path, info, None, ffmpeg) as reader:
+        frames = reader.read(10_000)
+        return frames.copy()
+
+
+def indexed_video(path: Path, count: int, fps: Fraction, ffmpeg: str, settings) -> Path:
+    """A video whose frame j carries grey level 20*j in its top-left patch: output order readable back."""
+    rng = np.random.default_rng(0)
+    base = rng.integers(60, 200, size=(256, 256, 3), dtype=np.uint8)
+    choice = encoder_for("libx264", settings.encode)
+    with VideoEncoder(path, 256, 256, fps, choice, ffmpeg) as encoder:
+        for j in range(count):
+            frame = base.copy()
+            frame[:CODE_SIZE, :CODE_SIZE] = 20 * j
+            encoder.write(frame)
+    return path
+
+
+def frame_codes(frames: np.ndarray) -> list[int]:
+    return [int(round(float(f[2 : CODE_SIZE - 2, 2 : CODE_SIZE - 2].mean()) / 20)) for f in frames]
+
+
+def test_output_has_floor_audio_times_fps_frames_the_rate_and_the_audio(tiny_pipeline, tmp_path, make_video, make_audio):
+    video, audio = make_video(2.0, 25), make_audio(1.3, ".wav")
+    result = lipsync(tiny_pipeline, tmp_path, video, audio)
+
+    assert result.frames == 32  # floor(1.3 * 25)
+    assert count_video_frames(result.output_path) == 32
+    out = probe_video(result.output_path)
+    assert out.fps == 25
+    sound = probe_audio(result.output_path)
+    assert sound.codec == "aac"  # WAV cannot ride in MP4 as-is
+    assert abs(sound.duration_s - 1.3) < 0.05
+    assert abs(out.duration_s - 32 / 25) < 1 / 25
+    assert set(PHASES) | {"total"} <= set(result.timings)
+    assert result.timings["total"] >= result.timings["unet"] > 0
+    assert result.weights == "random" and result.encoder == "libx264"
+    assert result.fallbacks == 0 and result.frames_without_face == 0
+
+
+@pytest.mark.parametrize("fps", [Fraction(24), Fraction(25), Fraction(30000, 1001), Fraction(30)])
+def test_frame_rates_are_kept_exact(tiny_pipeline, tmp_path, make_video, make_audio, fps):
+    video, audio = make_video(1.0, fps, (128, 128)), make_audio(1.0, ".wav")
+    result = lipsync(tiny_pipeline, tmp_path, video, audio, face_box=(32, 32, 96, 112))
+
+    expected = int(Fraction(1) * fps)  # floor(1.0 s * fps): 24, 25, 29, 30
+    assert result.frames == expected
+    assert count_video_frames(result.output_path) == expected
+    assert probe_video(result.output_path).fps == fps
+    assert result.fps == pytest.approx(float(fps))
+
+
+def test_audio_longer_than_the_video_plays_it_forward_then_backward(tiny_pipeline, tmp_path, make_audio):
+    ffmpeg = tiny_pipeline.ffmpeg
+    video = indexed_video(tmp_path / "indexed.mp4", 10, Fraction(25), ffmpeg, tiny_pipeline.settings)
+    result = lipsync(tiny_pipeline, tmp_path, video, make_audio(1.0, ".wav"))
+
+    assert result.frames == 25
+    codes = frame_codes(decode_all(result.output_path, ffmpeg))
+    assert codes == [pingpong_index(i, 10) for i in range(25)]
+    assert codes[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 8]
+
+
+def test_audio_shorter_than_the_video_keeps_the_first_frames_in_order(tiny_pipeline, tmp_path, make_audio):
+    ffmpeg = tiny_pipeline.ffmpeg
+    video = indexed_video(tmp_path / "indexed.mp4", 12, Fraction(25), ffmpeg, tiny_pipeline.settings)
+    result = lipsync(tiny_pipeline, tmp_path, video, make_audio(0.3, ".wav"))
+
+    assert result.frames == 7
+    assert frame_codes(decode_all(result.output_path, ffmpeg)) == list(range(7))
+
+
+def test_pixels_outside_the_blend_square_are_the_source_pixels(tiny_pipeline, tmp_path, make_video, make_audio):
+    video = make_video(1.0, 25, (256, 256), motion=False)
+    result = lipsync(tiny_pipeline, tmp_path, video, make_audio(0.4, ".wav"))
+    source = decode_all(video, tiny_pipeline.ffmpeg)[:10]
+    output = decode_all(result.output_path, tiny_pipeline.ffmpeg)
+
+    # Blend square of FACE_BOX: centre (128, 148), half side int(152 // 2 * 1.5) = 114 -> rows 34..262.
+    outside = (slice(0, 30), slice(None))
+    diff = np.abs(output[:, outside[0], outside[1]].astype(int) - source[:, outside[0], outside[1]].astype(int))
+    assert diff.mean() < 3.5  # only the two codec round trips' rounding
+    inside = np.abs(output[:, 150:220, 80:180].astype(int) - source[:, 150:220, 80:180].astype(int))
+    assert inside.mean() > 5.0  # random weights repaint the mouth region
+
+
+@pytest.mark.parametrize("ext, codec", [(".wav", "aac"), (".mp3", "mp3"), (".m4a", "aac"), (".ogg", "aac")])
+def test_every_audio_format_is_muxed(tiny_pipeline, tmp_path, make_video, make_audio, ext, codec):
+    result = lipsync(tiny_pipeline, tmp_path, make_video(1.0, 25, (128, 128)), make_audio(0.8, ext), face_box=(32, 32, 96, 112))
+
+    # Lossy codecs trim or pad a few ms (encoder delay): the frame count follows the decoded length.
+    assert abs(result.duration_s - 0.8) < 0.03
+    assert result.frames == int(result.duration_s * 25) == count_video_frames(result.output_path)
+    sound = probe_audio(result.output_path)
+    assert sound.codec == codec
+    assert abs(sound.duration_s - 0.8) < 0.06
+
+
+def test_fps_option_resamples_the_video(tiny_pipeline, tmp_path, make_video, make_audio):
+    result = lipsync(tiny_pipeline, tmp_path, make_video(1.0, 25, (128, 128)), make_audio(1.0, ".wav"), fps=30, face_box=(32, 32, 96, 112))
+
+    assert result.frames == 30
+    assert probe_video(result.output_path).fps == 30
+
+
+def test_bad_inputs_raise_their_errors_and_write_nothing(tiny_pipeline, tmp_path, make_video, make_audio):
+    video, audio = make_video(1.0, 25, (128, 128)), make_audio(0.5, ".wav")
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video")
+    cases = [
+        (dict(video=text, audio=audio), NotAVideo),
+        (dict(video=audio, audio=audio), NoVideoStream),
+        (dict(video=video, audio=video), BadAudio),  # the clip has no sound
+        (dict(video=video, audio=audio, face_box=(200, 200, 300, 300)), InvalidOption),
+    ]
+    for case, error in cases:
+        with pytest.raises(error):
+            lipsync(tiny_pipeline, tmp_path, case["video"], case["audio"], **{k: v for k, v in case.items() if k == "face_box"})
+        assert not (tmp_path / "out.mp4").exists()
+    assert list(Path(tiny_pipeline.settings.work_dir).iterdir()) == []
+
+
+def _ffmpeg_children() -> list[int]:
+    me = os.getpid()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == me and b"ffmpeg" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def test_killing_ffmpeg_mid_encode_fails_cleanly(tiny_pipeline, tmp_path, make_video, make_audio):
+    """The encoder dies under the pipeline: FFmpegError, no output, no temp files, no ffmpeg left."""
+    video, audio = make_video(2.0, 25, (128, 128)), make_audio(2.0, ".wav")
+    killed = threading.Event()
+
+    def kill_encoder(phase: str, done: int, total: int) -> None:
+        if not killed.is_set():
+            for pid in _ffmpeg_children():
+                os.kill(pid, 9)
+            killed.set()
+
+    request = LipsyncRequest.with_defaults(
+        tiny_pipeline.settings.lipsync, video_path=video, audio_path=audio, output_path=tmp_path / "out.mp4",
+        face_box=(32, 32, 96, 112), batch_size=4,
+    )
+    with pytest.raises(FFmpegError) as failure:
+        tiny_pipeline.run(request, progress=kill_encoder)
+
+    assert killed.is_set()
+    assert "-9" in str(failure.value) or "SIGKILL" in str(failure.value) or "killed" in str(failure.value).lower()
+    assert not (tmp_path / "out.mp4").exists()
+    assert list(tmp_path.iterdir()) == []
+    assert list(Path(tiny_pipeline.settings.work_dir).iterdir()) == []
+    assert _ffmpeg_children() == []
