@@ -1,0 +1,43 @@
+"""Memory does not grow with the video's length: frames stream from the decoder to the encoder.
+
+Each run is its own `musetalk-service run` process so its peak RSS can be read on its own. At
+1920x1080 a frame is 6.2 MB: holding the 125 frames of the long run would add about 780 MB, and
+holding them twice (decode list + output list, as peers did) far more.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from musetalk_service.media.synth import write_speech_like_audio, write_talking_head_video
+
+SIZE = (1920, 1080)
+FACE_BOX = ["760", "300", "1160", "780"]
+
+
+def peak_rss_mb(models_dir: Path, video: Path, audio: Path, output: Path, work_dir: Path) -> float:
+    command = [
+        sys.executable, "-m", "musetalk_service", "run", "--models", str(models_dir), "--device", "cpu",
+        "--video", str(video), "--audio", str(audio), "--output", str(output), "--face-box", *FACE_BOX,
+    ]  # fmt: skip
+    env = {**os.environ, "MUSETALK_WORK_DIR": str(work_dir)}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    output_text = process.stdout.read().decode(errors="replace")
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    assert process.returncode == 0, output_text[-2000:]
+    assert output.exists()
+    return usage.ru_maxrss / 1024  # kB on Linux
+
+
+def test_peak_rss_of_a_ten_times_longer_input_grows_by_less_than_300_mb(tiny_models_dir, tmp_path, ffmpeg_exe):
+    rss = {}
+    for seconds in (0.5, 5):
+        video = write_talking_head_video(tmp_path / f"v{seconds}s.mp4", seconds, 25, SIZE, motion=False, ffmpeg=ffmpeg_exe)
+        audio = write_speech_like_audio(tmp_path / f"a{seconds}s.wav", seconds, ffmpeg=ffmpeg_exe)
+        rss[seconds] = peak_rss_mb(tiny_models_dir, video, audio, tmp_path / f"out{seconds}s.mp4", tmp_path)
+
+    assert rss[5] - rss[0.5] < 300, rss
