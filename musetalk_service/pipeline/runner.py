@@ -32,6 +32,7 @@ from musetalk_service.pipeline.latents import encode_faces
 from musetalk_service.pipeline.request import FaceBox, LipsyncRequest
 from musetalk_service.pipeline.result import LipsyncResult
 from musetalk_service.pipeline.source import SourceFrames
+from musetalk_service.pipeline.stages import Consume, Prefetch
 from musetalk_service.pipeline.timing import PhaseTimer
 from musetalk_service.settings import Settings
 
@@ -95,62 +96,49 @@ class LipsyncPipeline:
         if total == 0:
             raise BadAudio(f"{request.audio_path}: audio is shorter than one video frame ({len(samples) / 16000:.3f} s)")
 
-        # 3. Per batch of output frames: read, find faces, encode crops, generate, blend, encode.
+        # 3. Per batch of output frames, three overlapping stages (pipeline/stages.py):
+        #    read (decoder thread) -> faces, latents, UNet + decode (this thread, GPU) ->
+        #    blend + encode (writer thread).
         source = SourceFrames(request.video_path, video, fps, self.ffmpeg, work_dir, total)
         locator = FaceLocator(self.models, request, self.settings.face, fps)
         blender = FaceBlender(self.models, request, retain=source.needs_cycle)
-        boxes: dict[int, FaceBox | None] = {}
-        latents: dict[int, torch.Tensor] = {}
-        faces_seen = 0
-        no_face_frames = 0
         silent_video = work_dir / "video.mp4"
-        try:
-            with VideoEncoder(silent_video, video.width, video.height, fps, self.encoder, self.ffmpeg) as encoder:
-                for start in range(0, total, request.batch_size):
-                    if cancel is not None and cancel.is_set():
-                        raise Cancelled("the job was cancelled")
-                    indices = list(range(start, min(start + request.batch_size, total)))
-                    with timer.phase("read"):
-                        sources, frames = source.take(indices)
+        encoder = VideoEncoder(silent_video, video.width, video.height, fps, self.encoder, self.ffmpeg)
+        counts = {"faces_seen": 0, "no_face_frames": 0}
 
-                    new = sorted({j for j in sources if j not in boxes})
-                    if new:
-                        # Streaming batches are all new and in order: no copy needed.
-                        new_frames = frames if new == sources else frames[[sources.index(j) for j in new]]
-                        with timer.phase("face_detect", gpu=True):
-                            found = locator.locate(new_frames, new)
-                        boxes.update(zip(new, found))
-                        with_face = [k for k, box in enumerate(found) if box is not None]
-                        faces_seen += len(with_face)
-                        if with_face:
-                            with timer.phase("vae_encode", gpu=True):
-                                encoded = encode_faces(self.models, new_frames[with_face], [found[k] for k in with_face])
-                            latents.update((new[k], encoded[n]) for n, k in enumerate(with_face))
+        def read_batches():
+            for start in range(0, total, request.batch_size):
+                indices = list(range(start, min(start + request.batch_size, total)))
+                with timer.phase("read"):
+                    sources, frames = source.take(indices)
+                yield indices, sources, frames
 
-                    rows = [k for k, j in enumerate(sources) if boxes[j] is not None]
-                    no_face_frames += len(indices) - len(rows)
-                    if rows:
-                        with timer.phase("unet", gpu=True):
-                            batch_latents = torch.stack([latents[sources[k]] for k in rows])
-                            faces = generate_faces(self.models, batch_latents, audio.windows([indices[k] for k in rows]))
-                        with timer.phase("blend"):
-                            for face, k in zip(faces, rows):
-                                frames[k] = blender.blend(frames[k], face, boxes[sources[k]], sources[k])
-                    with timer.phase("encode"):
-                        encoder.write(frames)
-                    if not source.needs_cycle:
-                        # Streaming once through the video: these source frames are never needed again.
-                        for j in sources:
-                            boxes.pop(j, None)
-                            latents.pop(j, None)
-                    progress("frames", indices[-1] + 1, total)
-                if faces_seen == 0:
+        def compose_and_encode(item) -> None:
+            indices, sources, frames, rows, faces, boxes = item
+            if rows:
+                with timer.phase("blend"):
+                    blender.blend_batch([frames[k] for k in rows], faces, [boxes[k] for k in rows], [sources[k] for k in rows])
+            with timer.phase("encode"):
+                encoder.write(frames)
+            progress("frames", indices[-1] + 1, total)
+
+        with encoder:
+            reader = Prefetch("musetalk-read", read_batches())
+            writer = Consume("musetalk-encode", compose_and_encode)
+            try:
+                self._generate(request, reader, writer, locator, audio, source.needs_cycle, timer, counts, cancel)
+                if counts["faces_seen"] == 0:
                     tried = source.total if source.total is not None else source.decoded
                     raise NoFace(f"{request.video_path}: no face found in any of the {tried} frames tried")
-                with timer.phase("encode"):
-                    encoder.close()
-        finally:
-            source.close()
+                writer.finish()
+            except BaseException:
+                writer.abort()
+                raise
+            finally:
+                reader.close()
+                source.close()
+            with timer.phase("encode"):
+                encoder.close()
 
         # 4. Mux: the video stream as encoded, the request's audio copied or encoded to AAC.
         with timer.phase("mux"):
@@ -165,8 +153,44 @@ class LipsyncPipeline:
             weights=self.models.weights_kind,
             timings=timer.as_dict(),
             fallbacks=blender.fallbacks,
-            frames_without_face=no_face_frames,
+            frames_without_face=counts["no_face_frames"],
         )
+
+    def _generate(self, request, reader, writer, locator, audio, needs_cycle, timer, counts, cancel) -> None:
+        """The GPU stage: boxes and latents for new source frames, then UNet + VAE decode."""
+        boxes: dict[int, FaceBox | None] = {}
+        latents: dict[int, torch.Tensor] = {}
+        for indices, sources, frames in reader:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("the job was cancelled")
+            new = sorted({j for j in sources if j not in boxes})
+            if new:
+                # Streaming batches are all new and in order: no copy needed.
+                new_frames = frames if new == sources else frames[[sources.index(j) for j in new]]
+                with timer.phase("face_detect", gpu=True):
+                    found = locator.locate(new_frames, new)
+                boxes.update(zip(new, found))
+                with_face = [k for k, box in enumerate(found) if box is not None]
+                counts["faces_seen"] += len(with_face)
+                if with_face:
+                    with timer.phase("vae_encode", gpu=True):
+                        encoded = encode_faces(self.models, new_frames[with_face], [found[k] for k in with_face])
+                    latents.update((new[k], encoded[n]) for n, k in enumerate(with_face))
+
+            batch_boxes = [boxes[j] for j in sources]
+            rows = [k for k, box in enumerate(batch_boxes) if box is not None]
+            counts["no_face_frames"] += len(indices) - len(rows)
+            faces = None
+            if rows:
+                with timer.phase("unet", gpu=True):
+                    batch_latents = torch.stack([latents[sources[k]] for k in rows])
+                    faces = generate_faces(self.models, batch_latents, audio.windows([indices[k] for k in rows]))
+            writer.put((indices, sources, frames, rows, faces, batch_boxes))
+            if not needs_cycle:
+                # Streaming once through the video: these source frames are never needed again.
+                for j in sources:
+                    boxes.pop(j, None)
+                    latents.pop(j, None)
 
     def _sync(self) -> None:
         if self.models.device.type == "cuda":

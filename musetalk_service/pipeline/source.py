@@ -13,11 +13,15 @@ import os
 from fractions import Fraction
 from pathlib import Path
 
+import logging
+
 import numpy as np
 
 from musetalk_service.errors import NoVideoStream
 from musetalk_service.media.decode import VideoReader
 from musetalk_service.media.probe import VideoInfo
+
+log = logging.getLogger(__name__)
 
 
 def pingpong_index(i: int, n: int) -> int:
@@ -70,9 +74,11 @@ class SourceFrames:
         self._fps = fps
         self._ffmpeg = ffmpeg
         self._work_dir = work_dir
-        expected = int(info.duration_s * fps) if info.duration_s else info.frame_count
-        # A few frames of slack: container durations and frame counts are estimates.
-        self.needs_cycle = output_frames > expected - max(2, expected // 50)
+        resampled = fps != info.fps
+        expected = int(info.duration_s * fps) if resampled and info.duration_s else info.frame_count
+        # If the probe over-promises and the decoder runs dry early anyway, `take` decodes the
+        # video once more into a store (logged): rare, and correct either way.
+        self.needs_cycle = output_frames > expected
         self._reader = VideoReader(video_path, info, fps, ffmpeg).__enter__()
         self._store: FrameStore | None = None
         if self.needs_cycle:
@@ -107,7 +113,8 @@ class SourceFrames:
         return sources, self._store.read(sources)
 
     def _fill_store_from_scratch(self) -> None:
-        """The probe under-promised: decode the whole video again into a store (rare path)."""
+        """The probe over-promised: decode the whole video again into a store (rare path)."""
+        log.warning("%s: %d frames, fewer than probed; decoding it again to cycle", self._video_path, self.decoded)
         self._store = FrameStore(self._work_dir / "frames.raw", self._info.height, self._info.width)
         with VideoReader(self._video_path, self._info, self._fps, self._ffmpeg) as reader:
             while len(batch := reader.read(64)):

@@ -203,3 +203,26 @@ def test_killing_ffmpeg_mid_encode_fails_cleanly(tiny_pipeline, tmp_path, make_v
     assert list(tmp_path.iterdir()) == []
     assert list(Path(tiny_pipeline.settings.work_dir).iterdir()) == []
     assert _ffmpeg_children() == []
+
+
+def test_cancel_stops_the_run_between_batches_and_leaves_nothing(tiny_pipeline, tmp_path, make_video, make_audio):
+    from musetalk_service.errors import Cancelled
+
+    cancel = threading.Event()
+    seen = []
+
+    def cancel_after_first_batch(phase: str, done: int, total: int) -> None:
+        seen.append(done)
+        cancel.set()
+
+    request = LipsyncRequest.with_defaults(
+        tiny_pipeline.settings.lipsync, video_path=make_video(2.0, 25, (128, 128)), audio_path=make_audio(2.0, ".wav"),
+        output_path=tmp_path / "out.mp4", face_box=(32, 32, 96, 112), batch_size=4,
+    )
+    with pytest.raises(Cancelled):
+        tiny_pipeline.run(request, progress=cancel_after_first_batch, cancel=cancel)
+
+    assert seen and seen[-1] < 50  # stopped well before the 50 frames
+    assert list(tmp_path.iterdir()) == []
+    assert list(Path(tiny_pipeline.settings.work_dir).iterdir()) == []
+    assert _ffmpeg_children() == []
