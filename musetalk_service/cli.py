@@ -30,8 +30,7 @@ if TYPE_CHECKING:
 EXIT_FAILED = 1
 EXIT_CANNOT_START = 2
 
-# The demo clip: the astronaut photo scikit-image ships, as a few seconds of talking head.
-DEMO_SECONDS = 3.0
+# The demo clip: the astronaut photo scikit-image ships, as a talking head.
 DEMO_FPS = 25
 DEMO_SIZE = (512, 512)
 
@@ -194,7 +193,7 @@ def _demo(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else settings.output_dir / "demo.mp4"
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="musetalk-demo-", dir=settings.work_dir) as work:
-        video, audio, face_box = _demo_inputs(Path(work), find_ffmpeg(settings.encode.ffmpeg_path))
+        video, audio, face_box = _demo_inputs(Path(work), args.seconds, find_ffmpeg(settings.encode.ffmpeg_path))
         body = LipsyncBody(
             video_path=str(video), audio_path=str(audio), output_path=str(output),
             # Random weights can't detect a face: tell the pipeline where it is.
@@ -219,12 +218,12 @@ def _tiny_weights() -> Path:
     return cache
 
 
-def _demo_inputs(work: Path, ffmpeg: str) -> tuple[Path, Path, list[int]]:
+def _demo_inputs(work: Path, seconds: float, ffmpeg: str) -> tuple[Path, Path, list[int]]:
     """A short talking-head clip of scikit-image's astronaut, a speech-like track, and her face box."""
     from musetalk_service.media import synth
 
-    video = synth.write_talking_head_video(work / "astronaut.mp4", DEMO_SECONDS, DEMO_FPS, DEMO_SIZE, ffmpeg=ffmpeg)
-    audio = synth.write_speech_like_audio(work / "speech.wav", DEMO_SECONDS, ffmpeg=ffmpeg)
+    video = synth.write_talking_head_video(work / "astronaut.mp4", seconds, DEMO_FPS, DEMO_SIZE, ffmpeg=ffmpeg)
+    audio = synth.write_speech_like_audio(work / "speech.wav", seconds, ffmpeg=ffmpeg)
     # The head moves by a few percent only: the first frame's box holds for the whole clip.
     first = next(synth.talking_head_frames(1, DEMO_FPS, DEMO_SIZE))
     return video, audio, _find_face(first)
@@ -319,6 +318,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = command("demo", _demo, "Offline demo: lip-sync a clip built from scikit-image's astronaut.")
     settings_flags(demo)
     demo.add_argument("--output", help="output MP4 (default: output_dir/demo.mp4)")
+    demo.add_argument("--seconds", type=float, default=3.0, help="length of the clip (default: 3)")
     return parser
 
 

@@ -1,27 +1,16 @@
-"""Fixtures of the API tests: the app served by a real server, with a pipeline of tiny random weights on CPU."""
+"""Fixtures of the API tests: the app served by a real server, with the session's tiny pipeline."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
 from musetalk_service.api.app import create_app
 from musetalk_service.pipeline.runner import LipsyncPipeline
-from musetalk_service.settings import Settings, load_settings
+from musetalk_service.settings import Settings
 from tests.api.live import live_server
-
-
-@pytest.fixture(scope="session")
-def tiny_settings(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    return load_settings(models_dir=tiny_models_dir, device="cpu", output_dir=tmp_path_factory.mktemp("outputs"))
-
-
-@pytest.fixture(scope="session")
-def tiny_pipeline(tiny_settings: Settings) -> LipsyncPipeline:
-    return LipsyncPipeline.load(tiny_settings)
 
 
 @pytest.fixture(scope="session")

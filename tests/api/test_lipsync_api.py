@@ -45,11 +45,11 @@ def test_app_loads_its_pipeline_at_start_when_none_is_given(tiny_settings):
     assert health["weights"] == "random"
 
 
-def test_lipsync_writes_the_output_and_returns_its_facts(client, talking_head_video, speech_wav, tmp_path):
+def test_lipsync_writes_the_output_and_returns_its_facts(client, talking_head_video, make_audio, tmp_path):
     output = tmp_path / "out.mp4"
 
     response = post(
-        client, video_path=str(talking_head_video), audio_path=str(speech_wav), output_path=str(output),
+        client, video_path=str(talking_head_video), audio_path=str(make_audio(1.0)), output_path=str(output),
         face_box=FACE_BOX, batch_size=8,
     )
 
@@ -57,22 +57,24 @@ def test_lipsync_writes_the_output_and_returns_its_facts(client, talking_head_vi
     body = response.json()
     assert body["output_path"] == str(output)
     assert output.is_file() and output.stat().st_size > 0
-    assert body["frames"] == 50  # 2 s of audio at the video's 25 fps
+    assert body["frames"] == 25  # 1 s of audio at the video's 25 fps
     assert body["fps"] == 25.0
-    assert body["duration_s"] == pytest.approx(2.0, abs=0.05)
+    assert body["duration_s"] == pytest.approx(1.0, abs=0.05)
     assert body["weights"] == "random"
     assert body["encoder"] == "libx264"
     assert set(PHASES) | {"total"} <= set(body["timings"])
     assert body["fallbacks"] >= 0 and body["frames_without_face"] == 0
 
 
-def test_output_path_defaults_to_the_output_dir(client, tiny_settings, talking_head_video, speech_wav):
-    response = post(client, video_path=str(talking_head_video), audio_path=str(speech_wav), face_box=FACE_BOX)
+def test_output_path_defaults_to_the_output_dir(client, tiny_settings, talking_head_video, make_audio):
+    audio = make_audio(0.5)
+
+    response = post(client, video_path=str(talking_head_video), audio_path=str(audio), face_box=FACE_BOX)
 
     assert response.status_code == 200, response.text
     output = Path(response.json()["output_path"])
     assert output.parent == tiny_settings.output_dir
-    assert output.name.startswith(f"{talking_head_video.stem}_{speech_wav.stem}_") and output.suffix == ".mp4"
+    assert output.name.startswith(f"{talking_head_video.stem}_{audio.stem}_") and output.suffix == ".mp4"
     assert output.is_file()
 
 
@@ -204,14 +206,15 @@ class RecordingPipeline:
                 self.active -= 1
 
 
-def test_concurrent_requests_take_turns_and_both_succeed(tiny_settings, tiny_pipeline, talking_head_video, speech_wav, tmp_path):
+def test_concurrent_requests_take_turns_and_both_succeed(tiny_settings, tiny_pipeline, talking_head_video, make_audio, tmp_path):
     pipeline = RecordingPipeline(tiny_pipeline)
+    audio = make_audio(0.5)
     responses: dict[int, httpx.Response] = {}
 
     with live_server(create_app(tiny_settings, pipeline)) as client:
 
         def request(i: int) -> None:
-            responses[i] = post(client, video_path=str(talking_head_video), audio_path=str(speech_wav),
+            responses[i] = post(client, video_path=str(talking_head_video), audio_path=str(audio),
                                 output_path=str(tmp_path / f"out{i}.mp4"), face_box=FACE_BOX)
 
         threads = [threading.Thread(target=request, args=(i,)) for i in range(2)]
