@@ -56,10 +56,11 @@ class LipsyncPipeline:
     @classmethod
     def load(cls, settings: Settings) -> "LipsyncPipeline":
         """Find ffmpeg, probe the encoder, load every network onto the device and warm it up."""
+        device = settings.resolved_device()
+        # Weights first: a missing file is the commonest start failure and needs no ffmpeg to report.
+        models = ModelBundle.load(settings.models_dir, device)
         ffmpeg = find_ffmpeg(settings.encode.ffmpeg_path)
         encoder = choose_encoder(settings.encode, ffmpeg)
-        device = settings.resolved_device()
-        models = ModelBundle.load(settings.models_dir, device)
         models.warmup()
         log.info("pipeline ready: device=%s weights=%s encoder=%s", device, models.weights_kind, encoder.name)
         return cls(models, settings, encoder, ffmpeg)
