@@ -64,6 +64,11 @@ class OutputNotWritable(InputError):
     status = 400
 
 
+class AvatarNotFound(InputError):
+    code = "avatar_not_found"
+    status = 404
+
+
 class Cancelled(ServiceError):
     """The job was cancelled by its client or by shutdown."""
 

@@ -93,6 +93,16 @@ class LimitSettings(BaseModel):
     max_frames: int = Field(100_000, ge=1, description="Most output frames one request may ask for.")
 
 
+class CacheSettings(BaseModel):
+    """The avatar cache: a video seen before (same content, same preprocessing options) reuses its
+    face boxes, latents and blend masks."""
+
+    enabled: bool = True
+    dir: Path | None = Field(None, description="Folder for avatars on disk; unset: memory only.")
+    max_memory_mb: int = Field(2048, ge=0, description="Avatars kept in memory (LRU), in MB.")
+    max_disk_mb: int = Field(20480, ge=0, description="Avatars kept on disk (LRU), in MB.")
+
+
 class Settings(BaseSettings):
     """Everything the service reads from configs/ and the environment."""
 
@@ -113,6 +123,7 @@ class Settings(BaseSettings):
     face: FaceSettings = FaceSettings()
     jobs: JobSettings = JobSettings()
     limits: LimitSettings = LimitSettings()
+    cache: CacheSettings = CacheSettings()
 
     @classmethod
     def settings_customise_sources(

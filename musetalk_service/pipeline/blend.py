@@ -12,7 +12,7 @@ Everything is BGR uint8 numpy; no PIL, no full-frame copies.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,9 @@ from musetalk_service.pipeline.request import FaceBox, LipsyncRequest
 from musetalk_service.settings import ParsingMode
 
 logger = logging.getLogger(__name__)
+
+MaskEntry = tuple[np.ndarray, int, int, int]
+"""A cached mask as plain data: (values, top, left, side), see `_CachedMask`."""
 
 Square = tuple[int, int, int, int]
 """(x1, y1, x2, y2) of the square around a face box; it may extend past the frame."""
@@ -39,6 +42,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PARSE_BATCH = 8
 """Squares per BiSeNet forward pass (8 x 3 x 512 x 512 inputs)."""
+ALPHA_SCALE = np.float32(1 / 255)
+"""alpha = mask * ALPHA_SCALE in float32, in this numpy blend and in `compose.GpuComposer` alike."""
 
 SKIN, NOSE, NECK = 1, 10, 14
 MOUTH_AND_LIPS = (11, 12, 13)
@@ -215,6 +220,46 @@ class _CachedMask:
         return _CachedMask(side, round(self.top * f), round(self.left * f), values)
 
 
+@dataclass(frozen=True)
+class PasteRegion:
+    """The pixels of a frame that one generated face is blended into, and their mask.
+
+    Frame rows `top:bottom` and columns `left:right`: the face box cut to the frame and to the
+    mask's non-zero bounding box (outside it alpha is 0, so the composite is the original frame).
+    `mask` is the uint8 blend mask over exactly those pixels: alpha = mask * `ALPHA_SCALE`.
+    """
+
+    top: int
+    bottom: int
+    left: int
+    right: int
+    values: np.ndarray
+    """The cached mask's stored values, which `mask` is a window of."""
+    window: tuple[int, int, int, int]
+    """(r0, r1, c0, c1) of `mask` within `values`."""
+
+    @property
+    def mask(self) -> np.ndarray:
+        r0, r1, c0, c1 = self.window
+        return self.values[r0:r1, c0:c1]
+
+
+def _paste_region(frame_shape: tuple[int, ...], box: FaceBox, mask: _CachedMask) -> PasteRegion | None:
+    """Where `mask` (cached for this box or an earlier one) blends a face at `box`; None: nowhere."""
+    (sx1, sy1, _, _), s = crop_square(box)
+    if s == 0:
+        return None
+    scaled = mask.scaled(2 * s)
+    x1, y1, x2, y2 = box
+    h, w = frame_shape[:2]
+    top, left = sy1 + scaled.top, sx1 + scaled.left  # the stored values' origin, in frame pixels
+    r0, r1 = max(y1, top, 0), min(y2, top + scaled.values.shape[0], h)
+    c0, c1 = max(x1, left, 0), min(x2, left + scaled.values.shape[1], w)
+    if r0 >= r1 or c0 >= c1:
+        return None
+    return PasteRegion(r0, r1, c0, c1, scaled.values, (r0 - top, r1 - top, c0 - left, c1 - left))
+
+
 class FaceBlender:
     """Per-request blender: pastes generated faces into frames with cached face-parsing masks.
 
@@ -227,8 +272,16 @@ class FaceBlender:
     `fallbacks` counts frames whose fast blend raised and that were recomputed from a fresh mask.
     """
 
-    def __init__(self, models: Any, request: LipsyncRequest, retain: bool = False):
-        """`models` as for `ParsingMask`; the request's parsing options and `mask_every` are read."""
+    def __init__(
+        self,
+        models: Any,
+        request: LipsyncRequest,
+        retain: bool = False,
+        masks: Mapping[int, MaskEntry] | None = None,
+    ):
+        """`models` as for `ParsingMask`; the request's parsing options and `mask_every` are read.
+        `masks` preloads prepared masks (a cached avatar's, see `export_masks`): they are never
+        pruned, so a request on a prepared avatar runs no face parsing at all."""
         if request.mask_every < 1:
             raise ValueError(f"mask_every must be >= 1, got {request.mask_every}")
         self.parser = ParsingMask(models, request.parsing_mode, request.left_cheek_width, request.right_cheek_width)
@@ -236,7 +289,21 @@ class FaceBlender:
         self.retain = retain
         self.fallbacks = 0
         self._masks: dict[int, _CachedMask] = {}
-        self._alpha_memo: tuple[_CachedMask, tuple[int, ...], np.ndarray] | None = None
+        self._preloaded: dict[int, _CachedMask] = {
+            key: _CachedMask(side, top, left, values) for key, (values, top, left, side) in (masks or {}).items()
+        }
+        self._alpha_memo: tuple[np.ndarray, tuple[int, int, int, int], np.ndarray] | None = None
+
+    def prepare_masks(
+        self, frames: Sequence[np.ndarray], boxes: Sequence[FaceBox | None], source_indices: Sequence[int]
+    ) -> None:
+        """Compute the masks these frames need (one batched BiSeNet pass) without blending."""
+        self._compute_missing(frames, boxes, self._keys(source_indices))
+
+    def export_masks(self) -> dict[int, MaskEntry]:
+        """Every mask held, as plain `(values, top, left, side)` tuples keyed like the cache."""
+        held = {**self._preloaded, **self._masks}
+        return {key: (m.values, m.top, m.left, m.side) for key, m in held.items()}
 
     def blend(self, frame: np.ndarray, face: np.ndarray, box: FaceBox | None, source_index: int) -> np.ndarray:
         """Blend one generated face into `frame` in place and return `frame`; see `blend_batch`."""
@@ -258,19 +325,52 @@ class FaceBlender:
         Missing masks of the batch are parsed in one batched BiSeNet pass. No frame is dropped:
         if the fast blend fails on a frame, that frame is redone with a fresh mask.
         """
-        keys = [i - i % self.mask_every for i in source_indices]
+        keys = self._keys(source_indices)
         self._compute_missing(frames, boxes, keys)
         for frame, face, box, key, index in zip(frames, faces, boxes, keys, source_indices):
             if box is None:
                 continue
             try:
-                self._paste(frame, face, box, self._masks[key])
+                self._paste(frame, face, box, self._cached(key))
             except Exception as exc:  # noqa: BLE001 - any failure of the fast path gets the slow one
-                logger.warning("fast blend failed at source frame %d (%s); recomputing its mask", index, exc)
-                self.fallbacks += 1
-                self._masks[key] = _CachedMask.from_square(self.parser([frame], [box])[0])
-                self._paste(frame, face, box, self._masks[key])
+                self._paste(frame, face, box, self._refresh_mask(frame, box, key, index, exc))
         return frames
+
+    def regions(
+        self, frames: Sequence[np.ndarray], boxes: Sequence[FaceBox | None], source_indices: Sequence[int]
+    ) -> list[PasteRegion | None]:
+        """Where and with which mask `blend_batch` would blend each frame's face, for another
+        compositor (`compose.GpuComposer`) to blend with the very same alpha.
+
+        Frames are only read (they must hold the original source pixels). Missing masks are parsed
+        and cached as for `blend_batch`; a frame whose region can't be had from its cached mask gets
+        a fresh mask (counted in `fallbacks`). None for a frame with no box or nothing to blend.
+        """
+        keys = self._keys(source_indices)
+        self._compute_missing(frames, boxes, keys)
+        out: list[PasteRegion | None] = []
+        for frame, box, key, index in zip(frames, boxes, keys, source_indices):
+            if box is None:
+                out.append(None)
+                continue
+            try:
+                out.append(_paste_region(frame.shape, box, self._cached(key)))
+            except Exception as exc:  # noqa: BLE001 - as in blend_batch
+                out.append(_paste_region(frame.shape, box, self._refresh_mask(frame, box, key, index, exc)))
+        return out
+
+    def _keys(self, source_indices: Sequence[int]) -> list[int]:
+        return [i - i % self.mask_every for i in source_indices]
+
+    def _cached(self, key: int) -> _CachedMask:
+        return self._masks.get(key) or self._preloaded[key]
+
+    def _refresh_mask(self, frame: np.ndarray, box: FaceBox, key: int, index: int, exc: Exception) -> _CachedMask:
+        """The slow path: parse a fresh mask for this frame and cache it in place of the failed one."""
+        logger.warning("fast blend failed at source frame %d (%s); recomputing its mask", index, exc)
+        self.fallbacks += 1
+        self._masks[key] = _CachedMask.from_square(self.parser([frame], [box])[0])
+        return self._masks[key]
 
     def _compute_missing(self, frames: Sequence[np.ndarray], boxes: Sequence[FaceBox | None], keys: list[int]) -> None:
         if not self.retain:
@@ -278,7 +378,7 @@ class FaceBlender:
             self._masks = {k: v for k, v in self._masks.items() if k in needed}
         todo: dict[int, int] = {}
         for position, (box, key) in enumerate(zip(boxes, keys)):
-            if box is not None and key not in self._masks and key not in todo:
+            if box is not None and key not in self._masks and key not in self._preloaded and key not in todo:
                 todo[key] = position
         if not todo:
             return
@@ -290,21 +390,14 @@ class FaceBlender:
     def _paste(self, frame: np.ndarray, face: np.ndarray, box: FaceBox, mask: _CachedMask) -> None:
         # Outside the box the composite is the original frame whatever alpha is, so only the part
         # of the box where the mask is non-zero (its lower half plus the blur margin) is touched.
-        (sx1, sy1, _, _), s = crop_square(box)
-        if s == 0:
+        region = _paste_region(frame.shape, box, mask)
+        if region is None:
             return
-        scaled = mask.scaled(2 * s)
+        alpha = self._alpha(region)
         x1, y1, x2, y2 = box
-        h, w = frame.shape[:2]
-        top, left = sy1 + scaled.top, sx1 + scaled.left  # the stored values' origin, in frame pixels
-        r0, r1 = max(y1, top, 0), min(y2, top + scaled.values.shape[0], h)
-        c0, c1 = max(x1, left, 0), min(x2, left + scaled.values.shape[1], w)
-        if r0 >= r1 or c0 >= c1:
-            return
-        alpha = self._alpha(scaled, (r0 - top, r1 - top, c0 - left, c1 - left))
         resized = cv2.resize(face, (x2 - x1, y2 - y1), interpolation=cv2.INTER_LINEAR)
-        generated = resized[r0 - y1 : r1 - y1, c0 - x1 : c1 - x1]
-        original = frame[r0:r1, c0:c1]
+        generated = resized[region.top - y1 : region.bottom - y1, region.left - x1 : region.right - x1]
+        original = frame[region.top : region.bottom, region.left : region.right]
         out = generated.astype(np.float32)
         out -= original
         out *= alpha
@@ -312,12 +405,11 @@ class FaceBlender:
         out += 0.5  # the cast below truncates; +0.5 rounds (values stay within [0, 255.5))
         np.copyto(original, out, casting="unsafe")
 
-    def _alpha(self, mask: _CachedMask, window: tuple[int, int, int, int]) -> np.ndarray:
-        """float32 alpha `[h, w, 1]` of `mask.values[r0:r1, c0:c1]`, memoised while the box stays put."""
+    def _alpha(self, region: PasteRegion) -> np.ndarray:
+        """float32 alpha `[h, w, 1]` of `region.mask`, memoised while the box stays put."""
         memo = self._alpha_memo
-        if memo is not None and memo[0] is mask and memo[1] == window:
+        if memo is not None and memo[0] is region.values and memo[1] == region.window:
             return memo[2]
-        r0, r1, c0, c1 = window
-        alpha = mask.values[r0:r1, c0:c1, None].astype(np.float32) * np.float32(1 / 255)
-        self._alpha_memo = (mask, window, alpha)
+        alpha = region.mask[:, :, None].astype(np.float32) * ALPHA_SCALE
+        self._alpha_memo = (region.values, region.window, alpha)
         return alpha

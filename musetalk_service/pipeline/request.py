@@ -19,9 +19,12 @@ FaceBox = tuple[int, int, int, int]
 class LipsyncRequest:
     """One lip-sync job: which media, where the result goes, and how to crop and blend."""
 
-    video_path: Path
+    video_path: Path | None
+    """The talking-head video; None when `avatar_id` names a prepared one."""
     audio_path: Path
     output_path: Path
+    avatar_id: str | None = None
+    """A prepared avatar (POST /avatars) instead of `video_path`: its video and options are used."""
     face_box: FaceBox | None = None
     """Skip detection and use this box on every frame (templated avatars; tests with random weights)."""
     fps: float | None = None
@@ -36,7 +39,8 @@ class LipsyncRequest:
 
     @classmethod
     def with_defaults(cls, defaults: LipsyncDefaults, **fields) -> "LipsyncRequest":
-        """Fill every option the caller left as None from the configured defaults."""
+        """Fill every option the caller left as None from the configured defaults (paths and ids
+        have no default and are taken as given)."""
         merged = defaults.model_dump()
-        merged.update({k: v for k, v in fields.items() if v is not None})
+        merged.update({k: v for k, v in fields.items() if v is not None or k not in merged})
         return cls(**merged)

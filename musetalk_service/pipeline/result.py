@@ -23,6 +23,8 @@ class LipsyncResult:
     """Frames whose fast blend failed and were recomputed the slow way."""
     frames_without_face: int = 0
     """Output frames passed through unchanged because their source frame had no face."""
+    avatar_id: str | None = None
+    """The prepared video this output was made from: name it in later requests to skip preparing."""
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:

@@ -1,8 +1,8 @@
 """The lip-sync pipeline: resident models, one request at a time, phases timed.
 
-A request runs as numbered steps (see `LipsyncPipeline.run`). Frames flow through in batches from
-the decoder to the encoder, so memory does not grow with the video's length: per source frame we
-keep only its face box and its 8x32x32 latent, and only while a later output frame still needs them.
+A request runs as numbered steps (see `LipsyncPipeline._run`). Frames flow through in batches from
+the decoder to the encoder, so memory does not grow with the output's length: per source frame we
+keep only its face box, its 8x32x32 latent and (every `mask_every` frames) a blend mask.
 """
 
 from __future__ import annotations
@@ -12,20 +12,25 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 
 import torch
 
-from musetalk_service.errors import BadAudio, Cancelled, NoFace
+from musetalk_service.errors import AvatarNotFound, BadAudio, Cancelled, InvalidOption, NoFace, NoVideoStream
 from musetalk_service.media.audio import load_audio
+from musetalk_service.media.decode import VideoReader
 from musetalk_service.media.encode import EncoderChoice, VideoEncoder, choose_encoder
 from musetalk_service.media.ffmpeg import find_ffmpeg
 from musetalk_service.media.mux import mux_audio
-from musetalk_service.media.probe import probe_audio, probe_video
+from musetalk_service.media.probe import VideoInfo, probe_audio, probe_video
 from musetalk_service.nets.bundle import ModelBundle
 from musetalk_service.pipeline.audio import AudioFeatures
+from musetalk_service.pipeline.avatar_cache import LATENT_SHAPE, Avatar, AvatarCache, avatar_key, prep_options, weights_fingerprint
 from musetalk_service.pipeline.blend import FaceBlender
+from musetalk_service.pipeline.device import answers as device_answers
+from musetalk_service.pipeline.device import memory_bytes as device_memory_bytes
 from musetalk_service.pipeline.faces import FaceLocator
 from musetalk_service.pipeline.generate import generate_faces
 from musetalk_service.pipeline.latents import encode_faces
@@ -42,20 +47,36 @@ Progress = Callable[[str, int, int], None]
 
 # An fps given as a float (29.97) becomes the exact broadcast rational it stands for (30000/1001).
 _FPS_MAX_DENOMINATOR = 1001
+PREP_BATCH = 16
+"""Frames per batch when preparing an avatar. Fixed, not the request's batch size: face tracking
+places keyframes per batch, so the boxes (and the cache key) would otherwise depend on it."""
 
 
 class LipsyncPipeline:
-    """Models loaded once; `run` turns one request into one MP4."""
+    """Models loaded once; `run` turns one request into one MP4.
+
+    A request has two halves. Preparing the video (face boxes, VAE latents, blend masks per source
+    frame) depends only on the video and the preprocessing options, so it is an `Avatar`, kept in
+    the avatar cache: the platform reuses a few template videos with many audios. Generating (UNet
+    + VAE decode per output frame, blend, encode) depends on the audio and runs every time.
+    """
 
     def __init__(self, models: ModelBundle, settings: Settings, encoder: EncoderChoice, ffmpeg: str):
         self.models = models
         self.settings = settings
         self.encoder = encoder
         self.ffmpeg = ffmpeg
+        cache = settings.cache
+        self.avatars: AvatarCache | None = (
+            AvatarCache(cache.dir, max_memory_bytes=cache.max_memory_mb << 20, max_disk_bytes=cache.max_disk_mb << 20)
+            if cache.enabled
+            else None
+        )
+        self._weights_id = weights_fingerprint(settings.models_dir, str(models.dtype))
 
     @classmethod
     def load(cls, settings: Settings) -> "LipsyncPipeline":
-        """Find ffmpeg, probe the encoder, load every network onto the device and warm it up."""
+        """Load every network onto the device, find ffmpeg, probe the encoder, warm up."""
         device = settings.resolved_device()
         # Weights first: a missing file is the commonest start failure and needs no ffmpeg to report.
         models = ModelBundle.load(settings.models_dir, device)
@@ -74,7 +95,7 @@ class LipsyncPipeline:
         }
 
     def run(self, request: LipsyncRequest, progress: Progress | None = None, cancel: threading.Event | None = None) -> LipsyncResult:
-        """Lip-sync `request.video_path` to `request.audio_path` and write `request.output_path`."""
+        """Lip-sync the request's video (or prepared avatar) to its audio and write `output_path`."""
         timer = PhaseTimer(sync=self._sync)
         work_dir = Path(tempfile.mkdtemp(prefix="musetalk-", dir=self.settings.work_dir))
         try:
@@ -82,12 +103,24 @@ class LipsyncPipeline:
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
 
+    def prepare_avatar(self, request: LipsyncRequest, cancel: threading.Event | None = None) -> Avatar:
+        """Prepare the request's video ahead of time (or fetch it from the cache): its avatar."""
+        video = probe_video(request.video_path)
+        return self._avatar(request, video, self._fps(request, video), PhaseTimer(sync=self._sync), _no_progress, cancel)
+
+    def list_avatars(self) -> list[dict]:
+        return self.avatars.list() if self.avatars is not None else []
+
+    def delete_avatar(self, avatar_id: str) -> bool:
+        return self.avatars.delete(avatar_id) if self.avatars is not None else False
+
     def _run(self, request: LipsyncRequest, timer: PhaseTimer, work_dir: Path, progress: Progress, cancel: threading.Event | None) -> LipsyncResult:
         # 1. Check inputs: probe both files before any model work.
+        request = self._resolve_avatar(request)
         with timer.phase("read"):
             video = probe_video(request.video_path)
             probe_audio(request.audio_path)
-        fps = Fraction(request.fps).limit_denominator(_FPS_MAX_DENOMINATOR) if request.fps else video.fps
+        fps = self._fps(request, video)
 
         # 2. Audio: whisper features for the whole track; the output has floor(seconds * fps) frames.
         with timer.phase("audio", gpu=True):
@@ -97,15 +130,16 @@ class LipsyncPipeline:
         if total == 0:
             raise BadAudio(f"{request.audio_path}: audio is shorter than one video frame ({len(samples) / 16000:.3f} s)")
 
-        # 3. Per batch of output frames, three overlapping stages (pipeline/stages.py):
-        #    read (decoder thread) -> faces, latents, UNet + decode (this thread, GPU) ->
-        #    blend + encode (writer thread).
-        source = SourceFrames(request.video_path, video, fps, self.ffmpeg, work_dir, total)
-        locator = FaceLocator(self.models, request, self.settings.face, fps)
-        blender = FaceBlender(self.models, request, retain=source.needs_cycle)
+        # 3. The video's avatar: boxes, latents and masks per source frame, cached.
+        avatar = self._avatar(request, video, fps, timer, progress, cancel)
+
+        # 4. Per batch of output frames, three overlapping stages (pipeline/stages.py):
+        #    read (decoder thread) -> UNet + VAE decode (this thread, GPU) -> blend + encode (writer thread).
+        source = SourceFrames(request.video_path, video, fps, self.ffmpeg, work_dir, total, avatar.frame_count)
+        blender = FaceBlender(self.models, request, retain=source.needs_cycle, masks=avatar.masks)
+        latents = avatar.latents.to(self.models.device, self.models.dtype)
         silent_video = work_dir / "video.mp4"
         encoder = VideoEncoder(silent_video, video.width, video.height, fps, self.encoder, self.ffmpeg)
-        counts = {"faces_seen": 0, "no_face_frames": 0}
 
         def read_batches():
             for start in range(0, total, request.batch_size):
@@ -115,22 +149,34 @@ class LipsyncPipeline:
                 yield indices, sources, frames
 
         def compose_and_encode(item) -> None:
-            indices, sources, frames, rows, faces, boxes = item
+            indices, sources, frames, rows, faces = item
             if rows:
                 with timer.phase("blend"):
-                    blender.blend_batch([frames[k] for k in rows], faces, [boxes[k] for k in rows], [sources[k] for k in rows])
+                    blender.blend_batch(
+                        [frames[k] for k in rows], faces, [avatar.boxes[sources[k]] for k in rows], [sources[k] for k in rows]
+                    )
             with timer.phase("encode"):
                 encoder.write(frames)
             progress("frames", indices[-1] + 1, total)
 
+        no_face_frames = 0
         with encoder:
             reader = Prefetch("musetalk-read", read_batches())
             writer = Consume("musetalk-encode", compose_and_encode)
             try:
-                self._generate(request, reader, writer, locator, audio, source.needs_cycle, timer, counts, cancel)
-                if counts["faces_seen"] == 0:
-                    tried = source.total if source.total is not None else source.decoded
-                    raise NoFace(f"{request.video_path}: no face found in any of the {tried} frames tried")
+                for indices, sources, frames in reader:
+                    _check_cancel(cancel)
+                    rows = [k for k, j in enumerate(sources) if avatar.boxes[j] is not None]
+                    no_face_frames += len(indices) - len(rows)
+                    faces = None
+                    if rows:
+                        with timer.phase("unet", gpu=True):
+                            faces = generate_faces(
+                                self.models,
+                                latents[[sources[k] for k in rows]],
+                                audio.windows([indices[k] for k in rows]),
+                            )
+                    writer.put((indices, sources, frames, rows, faces))
                 writer.finish()
             except BaseException:
                 writer.abort()
@@ -141,7 +187,7 @@ class LipsyncPipeline:
             with timer.phase("encode"):
                 encoder.close()
 
-        # 4. Mux: the video stream as encoded, the request's audio copied or encoded to AAC.
+        # 5. Mux: the video stream as encoded, the request's audio copied or encoded to AAC.
         with timer.phase("mux"):
             mux_audio(silent_video, request.audio_path, request.output_path, self.ffmpeg)
         progress("done", total, total)
@@ -154,49 +200,123 @@ class LipsyncPipeline:
             weights=self.models.weights_kind,
             timings=timer.as_dict(),
             fallbacks=blender.fallbacks,
-            frames_without_face=counts["no_face_frames"],
+            frames_without_face=no_face_frames,
+            avatar_id=avatar.key,
         )
 
-    def _generate(self, request, reader, writer, locator, audio, needs_cycle, timer, counts, cancel) -> None:
-        """The GPU stage: boxes and latents for new source frames, then UNet + VAE decode."""
-        boxes: dict[int, FaceBox | None] = {}
-        latents: dict[int, torch.Tensor] = {}
-        for indices, sources, frames in reader:
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("the job was cancelled")
-            new = sorted({j for j in sources if j not in boxes})
-            if new:
-                # Streaming batches are all new and in order: no copy needed.
-                new_frames = frames if new == sources else frames[[sources.index(j) for j in new]]
-                with timer.phase("face_detect", gpu=True):
-                    found = locator.locate(new_frames, new)
-                boxes.update(zip(new, found))
-                with_face = [k for k, box in enumerate(found) if box is not None]
-                counts["faces_seen"] += len(with_face)
-                if with_face:
-                    with timer.phase("vae_encode", gpu=True):
-                        encoded = encode_faces(self.models, new_frames[with_face], [found[k] for k in with_face])
-                    latents.update((new[k], encoded[n]) for n, k in enumerate(with_face))
+    def _fps(self, request: LipsyncRequest, video: VideoInfo) -> Fraction:
+        return Fraction(request.fps).limit_denominator(_FPS_MAX_DENOMINATOR) if request.fps else video.fps
 
-            batch_boxes = [boxes[j] for j in sources]
-            rows = [k for k, box in enumerate(batch_boxes) if box is not None]
-            counts["no_face_frames"] += len(indices) - len(rows)
-            faces = None
-            if rows:
-                with timer.phase("unet", gpu=True):
-                    batch_latents = torch.stack([latents[sources[k]] for k in rows])
-                    faces = generate_faces(self.models, batch_latents, audio.windows([indices[k] for k in rows]))
-            writer.put((indices, sources, frames, rows, faces, batch_boxes))
-            if not needs_cycle:
-                # Streaming once through the video: these source frames are never needed again.
-                for j in sources:
-                    boxes.pop(j, None)
-                    latents.pop(j, None)
+    def _resolve_avatar(self, request: LipsyncRequest) -> LipsyncRequest:
+        """A request naming an avatar runs on that avatar's video with the options it was made with."""
+        if request.avatar_id is None:
+            if request.video_path is None:
+                raise InvalidOption("give video_path or avatar_id")
+            return request
+        if request.video_path is not None:
+            raise InvalidOption("give video_path or avatar_id, not both")
+        avatar = self.avatars.get(request.avatar_id) if self.avatars is not None else None
+        if avatar is None:
+            raise AvatarNotFound(f"no prepared avatar {request.avatar_id!r}: POST /avatars prepares one")
+        video_path = Path(avatar.video)
+        if not video_path.is_file():
+            raise AvatarNotFound(f"avatar {request.avatar_id!r}: its video {video_path.name} is gone; prepare it again")
+        options = avatar.options
+        return replace(
+            request,
+            video_path=video_path,
+            fps=Fraction(options["fps"]),
+            face_box=tuple(options["face_box"]) if options.get("face_box") else None,
+            parsing_mode=options["parsing_mode"],
+            mask_every=options["mask_every"],
+            left_cheek_width=options.get("left_cheek_width", request.left_cheek_width),
+            right_cheek_width=options.get("right_cheek_width", request.right_cheek_width),
+            bbox_shift=options.get("bbox_shift", request.bbox_shift),
+            extra_margin=options.get("extra_margin", request.extra_margin),
+        )
+
+    def _avatar(self, request: LipsyncRequest, video: VideoInfo, fps: Fraction, timer: PhaseTimer, progress: Progress, cancel: threading.Event | None) -> Avatar:
+        options = prep_options(request, fps, self.settings.face, self._weights_id, batch_size=PREP_BATCH)
+        key = avatar_key(request.video_path, options)
+
+        def build() -> Avatar:
+            return self._build_avatar(key, options, request, video, fps, timer, progress, cancel)
+
+        return build() if self.avatars is None else self.avatars.get_or_build(key, build, cancel)
+
+    def _build_avatar(self, key: str, options: dict, request: LipsyncRequest, video: VideoInfo, fps: Fraction, timer: PhaseTimer, progress: Progress, cancel: threading.Event | None) -> Avatar:
+        """Decode the whole video once: boxes (face phase), latents (VAE encode), masks (BiSeNet)."""
+        locator = FaceLocator(self.models, request, self.settings.face, fps)
+        masks = FaceBlender(self.models, request, retain=True)
+        boxes: list[FaceBox | None] = []
+        latents: list[torch.Tensor] = []
+        estimate = max(video.frame_count, 1)
+
+        def read_batches():
+            with VideoReader(request.video_path, video, fps, self.ffmpeg) as reader:
+                while True:
+                    with timer.phase("read"):
+                        frames = reader.read(PREP_BATCH)
+                    if not len(frames):
+                        return
+                    yield frames
+
+        reader = Prefetch("musetalk-prepare", read_batches())
+        try:
+            for frames in reader:
+                _check_cancel(cancel)
+                indices = list(range(len(boxes), len(boxes) + len(frames)))
+                with timer.phase("face_detect", gpu=True):
+                    found = locator.locate(frames, indices)
+                batch = torch.zeros((len(frames), *LATENT_SHAPE), dtype=torch.float16)
+                rows = [k for k, box in enumerate(found) if box is not None]
+                if rows:
+                    with timer.phase("vae_encode", gpu=True):
+                        batch[rows] = encode_faces(self.models, frames[rows], [found[k] for k in rows]).to("cpu", torch.float16)
+                    with timer.phase("blend", gpu=True):
+                        masks.prepare_masks([frames[k] for k in rows], [found[k] for k in rows], [indices[k] for k in rows])
+                boxes.extend(found)
+                latents.append(batch)
+                progress("prepare", len(boxes), max(estimate, len(boxes)))
+        finally:
+            reader.close()
+        if not any(box is not None for box in boxes):
+            raise NoFace(f"{request.video_path}: no face found in any of the {len(boxes)} frames tried")
+        if not boxes:
+            raise NoVideoStream(f"{request.video_path}: the video stream has no decodable frames")
+        return Avatar(
+            key=key,
+            frame_count=len(boxes),
+            fps=fps,
+            width=video.width,
+            height=video.height,
+            boxes=tuple(boxes),
+            latents=torch.cat(latents),
+            masks=masks.export_masks(),
+            options=options,
+            video=str(Path(request.video_path).resolve()),
+        )
 
     def _sync(self) -> None:
         if self.models.device.type == "cuda":
             torch.cuda.synchronize(self.models.device)
 
+    # For the service's probes and metrics (api/): cheap, no model work.
+
+    def gpu_memory(self) -> dict[str, int] | None:
+        """Bytes allocated and reserved by torch on the GPU; None on the CPU. Never blocks."""
+        return device_memory_bytes(self.models.device)
+
+    def device_ok(self) -> bool:
+        """A tiny op on the device, waited for (True on the CPU). Blocks if the GPU has stopped
+        answering: call it from a thread with a timeout."""
+        return device_answers(self.models.device)
+
 
 def _no_progress(phase: str, done: int, total: int) -> None:
     pass
+
+
+def _check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("the job was cancelled")

@@ -2,7 +2,7 @@
 
 Output frame i shows source frame `pingpong_index(i, n)`: the video plays forward, then backward,
 and repeats (both ends shown twice, as in the official cycle `frames + frames[::-1]`). When the
-audio is shorter than the video the frames stream straight from the decoder and are never held.
+audio is no longer than the video the frames stream straight from the decoder and are never held.
 When the output must cycle, each decoded frame is also appended to a raw file on disk, so memory
 stays flat however long the video is; reads go through the page cache, not our heap.
 """
@@ -13,15 +13,10 @@ import os
 from fractions import Fraction
 from pathlib import Path
 
-import logging
-
 import numpy as np
 
-from musetalk_service.errors import NoVideoStream
 from musetalk_service.media.decode import VideoReader
 from musetalk_service.media.probe import VideoInfo
-
-log = logging.getLogger(__name__)
 
 
 def pingpong_index(i: int, n: int) -> int:
@@ -63,63 +58,36 @@ class FrameStore:
 class SourceFrames:
     """Hands out source frames for batches of output frame indices, in output order.
 
-    `needs_cycle` says whether output frames can outrun the video (decided from the probe's frame
-    count with slack; if the decoder still runs dry early, the frames seen so far are already in the
-    store or the video is decoded once more into it).
+    `frame_count` is the video's exact frame count at `fps` (known from its prepared avatar), so
+    whether the output cycles is known before the first frame: only then are frames kept on disk.
     """
 
-    def __init__(self, video_path: Path, info: VideoInfo, fps: Fraction, ffmpeg: str, work_dir: Path, output_frames: int):
-        self._video_path = video_path
-        self._info = info
-        self._fps = fps
-        self._ffmpeg = ffmpeg
-        self._work_dir = work_dir
-        resampled = fps != info.fps
-        expected = int(info.duration_s * fps) if resampled and info.duration_s else info.frame_count
-        # If the probe over-promises and the decoder runs dry early anyway, `take` decodes the
-        # video once more into a store (logged): rare, and correct either way.
-        self.needs_cycle = output_frames > expected
+    def __init__(self, video_path: Path, info: VideoInfo, fps: Fraction, ffmpeg: str, work_dir: Path, output_frames: int, frame_count: int):
+        self.frame_count = frame_count
+        self.needs_cycle = output_frames > frame_count
         self._reader = VideoReader(video_path, info, fps, ffmpeg).__enter__()
-        self._store: FrameStore | None = None
-        if self.needs_cycle:
-            self._store = FrameStore(work_dir / "frames.raw", info.height, info.width)
-        self.decoded = 0
-        self.total: int | None = None
-        """Source frame count once the decoder has run dry; None before."""
+        self._store = FrameStore(work_dir / "frames.raw", info.height, info.width) if self.needs_cycle else None
 
     def take(self, output_indices: list[int]) -> tuple[list[int], np.ndarray]:
-        """Source indices and frames ([b,H,W,3] BGR) for the next batch of output indices.
+        """Source indices and frames ([b,H,W,3] BGR, private to the caller) for the next batch.
 
-        Batches must come in order and contiguous. Frames fresh from the decoder are the reader's
-        own buffer: the caller finishes with them (blend, encode) before asking for the next batch.
+        Batches must come in order and contiguous. The first pass over the video streams from the
+        decoder (each read is a new array); once the output runs past the video's end, frames come
+        back from the store in ping-pong order, a fresh copy for every output frame.
         """
-        if self.total is None:
-            start, need = self.decoded, output_indices[-1] + 1
-            assert output_indices[0] == start, "batches must be contiguous and in order"
-            fresh = self._reader.read(need - start)
-            self.decoded += len(fresh)
+        sources = [pingpong_index(i, self.frame_count) for i in output_indices]
+        fresh_end = min(output_indices[-1] + 1, self.frame_count)
+        fresh_start = min(output_indices[0], self.frame_count)
+        if fresh_end > fresh_start:
+            fresh = self._reader.read(fresh_end - fresh_start)
+            if len(fresh) != fresh_end - fresh_start:
+                raise IOError(f"the video gave {fresh_start + len(fresh)} frames; its avatar has {self.frame_count}")
             if self._store is not None:
                 self._store.append(fresh)
-            if len(fresh) < need - start:
-                self.total = self.decoded
-            else:
-                return list(output_indices), fresh
-        if self.total == 0:
-            raise NoVideoStream(f"{self._video_path}: the video stream has no decodable frames")
-        if self._store is None:
-            self._fill_store_from_scratch()
+            if fresh_end - fresh_start == len(output_indices):
+                return sources, fresh
         assert self._store is not None
-        sources = [pingpong_index(i, self.total) for i in output_indices]
         return sources, self._store.read(sources)
-
-    def _fill_store_from_scratch(self) -> None:
-        """The probe over-promised: decode the whole video again into a store (rare path)."""
-        log.warning("%s: %d frames, fewer than probed; decoding it again to cycle", self._video_path, self.decoded)
-        self._store = FrameStore(self._work_dir / "frames.raw", self._info.height, self._info.width)
-        with VideoReader(self._video_path, self._info, self._fps, self._ffmpeg) as reader:
-            while len(batch := reader.read(64)):
-                self._store.append(batch)
-        self.total = self._store.count
 
     def close(self) -> None:
         self._reader.__exit__(None, None, None)

@@ -1,10 +1,10 @@
 """Face tracking between detections: keyframe interpolation, face choice, box smoothing, metrics.
 
-The face phase detects on keyframes only (every N frames, where detection at 1080p dominates the
-face cost), fills the frames in between with `interpolate_boxes` so the box keeps moving with the
-head instead of freezing for N frames, picks one face per keyframe with `pick_face`, and smooths
-the final per-frame crop boxes with `OneEuroBoxSmoother`. `box_jitter`, `box_lag` and `box_error`
-measure the result (tests, benchmark).
+The face phase detects on keyframes only (`keyframe_positions`: every N frames, where detection
+at 1080p dominates the face cost), fills the frames in between with `interpolate_boxes` so the box
+keeps moving with the head instead of freezing for N frames, picks one face per keyframe with
+`pick_face`, and smooths the final per-frame crop boxes with `OneEuroBoxSmoother`. `box_jitter`,
+`box_lag` and `box_error` measure the result (tests, benchmark).
 
 Boxes are `FaceBox` tuples (x1, y1, x2, y2), ints, x2/y2 exclusive; `None` is a frame without a face.
 """
@@ -202,6 +202,24 @@ def interpolate_boxes(
         for t in range(a + 1, b):
             out[t] = _round_box(box_a + (box_b - box_a) * ((t - a) / (b - a)))
     return out
+
+
+def keyframe_positions(n_frames: int, every: int, anchored: bool) -> list[int]:
+    """Where to run the detector in a run of `n_frames` consecutive frames: evenly spread, at most
+    `every` frames apart, the last frame always included.
+
+    Unanchored, frame 0 is a keyframe too. Anchored, the previous run's last keyframe sits just
+    before frame 0 (position -1) and counts as the first: a run of 16 with every=5 then needs 4
+    detections (3, 7, 11, 15) instead of 4 plus frame 0. Evenly spread rather than every N-th
+    frame, because the last frame is a keyframe anyway and N-th frames would put two side by side.
+    """
+    if n_frames < 1 or every < 1:
+        raise ValueError(f"need n_frames >= 1 and every >= 1, got {n_frames}, {every}")
+    start = -1 if anchored else 0
+    span = n_frames - 1 - start
+    intervals = -(-span // every)
+    keys = [start + j * span // intervals for j in range(1, intervals + 1)]
+    return keys if anchored else [0, *keys]
 
 
 def frames_to_redetect(

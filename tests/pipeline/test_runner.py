@@ -185,7 +185,7 @@ def test_killing_ffmpeg_mid_encode_fails_cleanly(tiny_pipeline, tmp_path, make_v
     killed = threading.Event()
 
     def kill_encoder(phase: str, done: int, total: int) -> None:
-        if not killed.is_set():
+        if phase == "frames" and not killed.is_set():
             for pid in _ffmpeg_children():
                 os.kill(pid, 9)
             killed.set()
@@ -212,8 +212,9 @@ def test_cancel_stops_the_run_between_batches_and_leaves_nothing(tiny_pipeline, 
     seen = []
 
     def cancel_after_first_batch(phase: str, done: int, total: int) -> None:
-        seen.append(done)
-        cancel.set()
+        if phase == "frames":
+            seen.append(done)
+            cancel.set()
 
     request = LipsyncRequest.with_defaults(
         tiny_pipeline.settings.lipsync, video_path=make_video(2.0, 25, (128, 128)), audio_path=make_audio(2.0, ".wav"),
@@ -226,3 +227,49 @@ def test_cancel_stops_the_run_between_batches_and_leaves_nothing(tiny_pipeline, 
     assert list(tmp_path.iterdir()) == []
     assert list(Path(tiny_pipeline.settings.work_dir).iterdir()) == []
     assert _ffmpeg_children() == []
+
+
+def test_a_video_seen_before_reuses_its_avatar(tiny_pipeline, tmp_path, make_video, make_audio):
+    """Same video, same options: no face, VAE-encode or parsing work the second time, same frames."""
+    video = make_video(1.2, 25, (128, 128))
+    for name in "abc":
+        (tmp_path / name).mkdir()
+    first = lipsync(tiny_pipeline, tmp_path / "a", video, make_audio(0.6, ".wav"), face_box=(32, 32, 96, 112), mask_every=3)
+    hits = tiny_pipeline.avatars.stats()["hits"]
+    second = lipsync(tiny_pipeline, tmp_path / "b", video, make_audio(0.6, ".wav"), face_box=(32, 32, 96, 112), mask_every=3)
+
+    assert tiny_pipeline.avatars.stats()["hits"] == hits + 1
+    assert second.avatar_id == first.avatar_id
+    assert second.timings["vae_encode"] == 0 and second.timings["face_detect"] == 0
+    assert first.timings["vae_encode"] > 0
+    a = decode_all(first.output_path, tiny_pipeline.ffmpeg)
+    b = decode_all(second.output_path, tiny_pipeline.ffmpeg)
+    assert np.array_equal(a, b)
+
+    changed = lipsync(tiny_pipeline, tmp_path / "c", video, make_audio(0.6, ".wav"), face_box=(32, 32, 96, 112), mask_every=4)
+    assert changed.avatar_id != first.avatar_id  # options changed: a new preparation
+    assert changed.timings["vae_encode"] > 0
+
+
+def test_a_request_can_name_a_prepared_avatar_instead_of_a_video(tiny_pipeline, tmp_path, make_video, make_audio):
+    video = make_video(1.0, 25, (128, 128))
+    prepare = LipsyncRequest.with_defaults(
+        tiny_pipeline.settings.lipsync, video_path=video, audio_path=None, output_path=None, face_box=(32, 32, 96, 112)
+    )
+    avatar = tiny_pipeline.prepare_avatar(prepare)
+    assert avatar.frame_count == 25
+    assert any(entry["key"] == avatar.key for entry in tiny_pipeline.list_avatars())
+
+    request = LipsyncRequest.with_defaults(
+        tiny_pipeline.settings.lipsync, video_path=None, avatar_id=avatar.key, audio_path=make_audio(0.4, ".wav"),
+        output_path=tmp_path / "out.mp4",
+    )
+    result = tiny_pipeline.run(request)
+    assert result.avatar_id == avatar.key and result.frames == 10
+    assert result.timings["vae_encode"] == 0
+
+    assert tiny_pipeline.delete_avatar(avatar.key)
+    from musetalk_service.errors import AvatarNotFound
+
+    with pytest.raises(AvatarNotFound):
+        tiny_pipeline.run(request)

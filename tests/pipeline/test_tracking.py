@@ -15,6 +15,7 @@ from musetalk_service.pipeline.tracking import (
     box_lag,
     frames_to_redetect,
     interpolate_boxes,
+    keyframe_positions,
     pick_face,
 )
 
@@ -140,6 +141,30 @@ def test_interpolation_holds_none_at_the_ends():
 def test_interpolation_rejects_bad_keyframes(keys):
     with pytest.raises(ValueError):
         interpolate_boxes(keys, [(0, 0, 1, 1)] * len(keys), 10)
+
+
+@pytest.mark.parametrize(
+    ("n", "every", "anchored", "keys"),
+    [
+        (16, 5, False, [0, 5, 10, 15]),
+        (16, 5, True, [3, 7, 11, 15]),  # the anchor at -1 stands in for frame 0
+        (16, 8, True, [7, 15]),
+        (16, 1, True, list(range(16))),
+        (8, 5, False, [0, 3, 7]),  # evenly spread, never two keyframes side by side
+        (1, 5, False, [0]),
+        (1, 5, True, [0]),
+    ],
+)
+def test_keyframe_positions(n, every, anchored, keys):
+    assert keyframe_positions(n, every, anchored) == keys
+
+
+def test_keyframes_are_never_further_apart_than_asked():
+    for n in range(1, 40):
+        for every in range(1, 12):
+            for anchored in (False, True):
+                keys = ([-1] if anchored else []) + keyframe_positions(n, every, anchored)
+                assert keys[-1] == n - 1 and max(np.diff(keys), default=1) <= every
 
 
 def test_frames_to_redetect_covers_transitions_and_jumps():
