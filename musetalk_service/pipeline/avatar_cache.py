@@ -406,6 +406,8 @@ class AvatarCache:
         self.max_disk_bytes = int(max_disk_bytes) if self.dir is not None else 0
         self.share_errors = share_errors
         self._lock = threading.Lock()
+        self._disk_lock = threading.Lock()
+        """Serialises disk writes with deletes; taken before `_lock`, never inside it."""
         self._memory: OrderedDict[str, Avatar] = OrderedDict()
         self._memory_bytes = 0
         self._memory_used: dict[str, float] = {}
@@ -474,7 +476,7 @@ class AvatarCache:
         """Forget the avatar in both tiers (a build in progress is not cached); whether it existed."""
         if not is_avatar_key(key):
             return False
-        with self._lock:
+        with self._disk_lock, self._lock:
             self._generation[key] = self._generation.get(key, 0) + 1
             found = self._drop_memory(key)
             found = self._drop_disk_entry(key) or found
@@ -600,6 +602,16 @@ class AvatarCache:
             if self.dir is None or avatar.bytes > self.max_disk_bytes or key in self._disk:
                 self._touch_disk(key)
                 return
+        # Disk writes and deletes take turns (a write is rare and short): a delete between our
+        # rename and our index update could otherwise retire another writer's folder.
+        with self._disk_lock:
+            self._write_to_disk(avatar, generation)
+
+    def _write_to_disk(self, avatar: Avatar, generation: int) -> None:
+        key = avatar.key
+        with self._lock:
+            if self._generation.get(key, 0) != generation or key in self._disk:
+                return  # deleted, or written by another caller, while we waited
         folder = self.dir / key
         temp = self.dir / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
         try:
