@@ -145,7 +145,6 @@ class VideoEncoder:
         self.width, self.height = width, height
         self.input_pix_fmt = input_pix_fmt
         self.output_size = even_size(width, height)
-        self._frame_bytes = _frame_bytes(input_pix_fmt, width, height)
         self._frames_written = 0
         self._closed = False
         out_w, out_h = self.output_size
@@ -157,6 +156,9 @@ class VideoEncoder:
         args = [
             "-f", "rawvideo", "-pix_fmt", input_pix_fmt, "-video_size", f"{width}x{height}",
             "-framerate", str(exact_rate(fps)),
+            # yuv420p input is already BT.709 limited range (the GPU path converts it): say so, or
+            # ffmpeg assumes another matrix and converts it again to the output tags.
+            *(["-colorspace", "bt709", "-color_range", "tv"] if input_pix_fmt == "yuv420p" else []),
             "-i", "pipe:0",
             *(["-vf", ",".join(filters)] if filters else []),
             "-an",
@@ -203,19 +205,7 @@ class VideoEncoder:
     def write(self, frames) -> None:
         """Send frames: a uint8 array `[b, H, W, 3]` / `[H, W, 3]` for bgr24 input, or bytes-like
         data holding whole frames. Raises `FFmpegError` (with ffmpeg's stderr) if ffmpeg died."""
-        if isinstance(frames, np.ndarray) and self.input_pix_fmt == "bgr24":
-            batch = frames[None] if frames.ndim == 3 else frames
-            if batch.dtype != np.uint8 or batch.shape[1:] != (self.height, self.width, 3):
-                raise ValueError(
-                    f"expected uint8 frames [b, {self.height}, {self.width}, 3], got {batch.dtype} {list(frames.shape)}"
-                )
-            data = np.ascontiguousarray(batch)
-            count = batch.shape[0]
-        else:
-            data = memoryview(np.ascontiguousarray(frames) if isinstance(frames, np.ndarray) else frames).cast("B")
-            count, leftover = divmod(data.nbytes, self._frame_bytes)
-            if leftover:
-                raise ValueError(f"{data.nbytes} bytes is not a whole number of {self._frame_bytes}-byte frames")
+        data, count = frame_data(frames, self.input_pix_fmt, self.width, self.height)
         self._pipe.write(data)
         self._frames_written += count
 
@@ -224,6 +214,26 @@ class VideoEncoder:
             self.path.unlink(missing_ok=True)
         except OSError as exc:
             logger.warning("could not remove partial output %s: %s", self.path, exc)
+
+
+def frame_data(frames, input_pix_fmt: str, width: int, height: int) -> tuple[np.ndarray | memoryview, int]:
+    """`frames` checked and flattened to what ffmpeg reads: `(data, count)`, where `data` is a
+    one-dimensional byte buffer (a uint8 array or a memoryview) of `count` whole frames.
+
+    bgr24 takes a uint8 array `[b, H, W, 3]` / `[H, W, 3]` or bytes-like data; yuv420p takes
+    bytes-like data (or an array of its bytes). Raises `ValueError` for anything else.
+    """
+    if isinstance(frames, np.ndarray) and input_pix_fmt == "bgr24":
+        batch = frames[None] if frames.ndim == 3 else frames
+        if batch.dtype != np.uint8 or batch.shape[1:] != (height, width, 3):
+            raise ValueError(f"expected uint8 frames [b, {height}, {width}, 3], got {batch.dtype} {list(frames.shape)}")
+        return np.ascontiguousarray(batch).reshape(-1), batch.shape[0]
+    frame_bytes = _frame_bytes(input_pix_fmt, width, height)
+    data = memoryview(np.ascontiguousarray(frames) if isinstance(frames, np.ndarray) else frames).cast("B")
+    count, leftover = divmod(data.nbytes, frame_bytes)
+    if leftover:
+        raise ValueError(f"{data.nbytes} bytes is not a whole number of {frame_bytes}-byte frames")
+    return data, count
 
 
 def _frame_bytes(pix_fmt: str, width: int, height: int) -> int:

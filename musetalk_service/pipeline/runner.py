@@ -32,7 +32,8 @@ from musetalk_service.pipeline.blend import FaceBlender
 from musetalk_service.pipeline.device import answers as device_answers
 from musetalk_service.pipeline.device import memory_bytes as device_memory_bytes
 from musetalk_service.pipeline.faces import FaceLocator
-from musetalk_service.pipeline.generate import generate_faces
+from musetalk_service.pipeline.compose import GpuComposer
+from musetalk_service.pipeline.generate import generate_faces, generate_faces_tensor
 from musetalk_service.pipeline.latents import encode_faces
 from musetalk_service.pipeline.request import FaceBox, LipsyncRequest
 from musetalk_service.pipeline.result import LipsyncResult
@@ -137,9 +138,16 @@ class LipsyncPipeline:
         #    read (decoder thread) -> UNet + VAE decode (this thread, GPU) -> blend + encode (writer thread).
         source = SourceFrames(request.video_path, video, fps, self.ffmpeg, work_dir, total, avatar.frame_count)
         blender = FaceBlender(self.models, request, retain=source.needs_cycle, masks=avatar.masks)
+        # On a GPU, compose there and hand ffmpeg yuv420p (half the bytes, no conversion in ffmpeg);
+        # on CPU the numpy blend is faster than torch's CPU kernels (pipeline/compose.py).
+        composer = GpuComposer(blender, self.models.device) if self.models.device.type == "cuda" else None
+        generate = generate_faces_tensor if composer is not None else generate_faces
         latents = avatar.latents.to(self.models.device, self.models.dtype)
         silent_video = work_dir / "video.mp4"
-        encoder = VideoEncoder(silent_video, video.width, video.height, fps, self.encoder, self.ffmpeg)
+        encoder = VideoEncoder(
+            silent_video, video.width, video.height, fps, self.encoder, self.ffmpeg,
+            input_pix_fmt="yuv420p" if composer is not None else "bgr24",
+        )  # fmt: skip
 
         def read_batches():
             for start in range(0, total, request.batch_size):
@@ -149,14 +157,19 @@ class LipsyncPipeline:
                 yield indices, sources, frames
 
         def compose_and_encode(item) -> None:
-            indices, sources, frames, rows, faces = item
-            if rows:
+            indices, sources, frames, rows, faces, ready = item
+            if composer is not None:
                 with timer.phase("blend"):
-                    blender.blend_batch(
-                        [frames[k] for k in rows], faces, [avatar.boxes[sources[k]] for k in rows], [sources[k] for k in rows]
-                    )
+                    out = composer.compose(frames, faces, [avatar.boxes[j] for j in sources], sources, ready=ready).yuv
+            else:
+                out = frames
+                if rows:
+                    with timer.phase("blend"):
+                        blender.blend_batch(
+                            [frames[k] for k in rows], faces, [avatar.boxes[sources[k]] for k in rows], [sources[k] for k in rows]
+                        )
             with timer.phase("encode"):
-                encoder.write(frames)
+                encoder.write(out)
             progress("frames", indices[-1] + 1, total)
 
         no_face_frames = 0
@@ -168,15 +181,21 @@ class LipsyncPipeline:
                     _check_cancel(cancel)
                     rows = [k for k, j in enumerate(sources) if avatar.boxes[j] is not None]
                     no_face_frames += len(indices) - len(rows)
-                    faces = None
+                    faces = ready = None
                     if rows:
-                        with timer.phase("unet", gpu=True):
-                            faces = generate_faces(
+                        with timer.phase("unet", gpu=composer is None):
+                            faces = generate(
                                 self.models,
                                 latents[[sources[k] for k in rows]],
                                 audio.windows([indices[k] for k in rows]),
                             )
-                    writer.put((indices, sources, frames, rows, faces))
+                            if composer is not None:
+                                # The composer's stream waits for this event, not for the whole
+                                # device; waiting on it here keeps the UNet's busy time honest.
+                                ready = torch.cuda.Event()
+                                ready.record()
+                                ready.synchronize()
+                    writer.put((indices, sources, frames, rows, faces, ready))
                 writer.finish()
             except BaseException:
                 writer.abort()
