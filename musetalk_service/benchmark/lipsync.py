@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import resource
 import subprocess
@@ -116,6 +117,9 @@ def _device_name(pipeline: LipsyncPipeline) -> str:
 
 
 def _commit() -> str:
+    # A copy of the tree without .git (the lent GPU machine) says its commit through the environment.
+    if os.environ.get("MUSETALK_COMMIT"):
+        return os.environ["MUSETALK_COMMIT"]
     try:
         return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=5
