@@ -8,6 +8,7 @@ keep only its face box, its 8x32x32 latent and (every `mask_every` frames) a ble
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -24,6 +25,7 @@ from musetalk_service.media.decode import VideoReader
 from musetalk_service.media.encode import EncoderChoice, VideoEncoder, choose_encoder
 from musetalk_service.media.ffmpeg import find_ffmpeg
 from musetalk_service.media.mux import mux_audio
+from musetalk_service.media.segments import SegmentedEncoder, encode_workers_for
 from musetalk_service.media.probe import VideoInfo, probe_audio, probe_video
 from musetalk_service.nets.bundle import ModelBundle
 from musetalk_service.pipeline.audio import AudioFeatures
@@ -144,10 +146,7 @@ class LipsyncPipeline:
         generate = generate_faces_tensor if composer is not None else generate_faces
         latents = avatar.latents.to(self.models.device, self.models.dtype)
         silent_video = work_dir / "video.mp4"
-        encoder = VideoEncoder(
-            silent_video, video.width, video.height, fps, self.encoder, self.ffmpeg,
-            input_pix_fmt="yuv420p" if composer is not None else "bgr24",
-        )  # fmt: skip
+        encoder = self._video_encoder(silent_video, video, fps, "yuv420p" if composer is not None else "bgr24", work_dir)
 
         def read_batches():
             for start in range(0, total, request.batch_size):
@@ -222,6 +221,19 @@ class LipsyncPipeline:
             frames_without_face=no_face_frames,
             avatar_id=avatar.key,
         )
+
+    def _video_encoder(self, path: Path, video: VideoInfo, fps: Fraction, pix_fmt: str, work_dir: Path):
+        """One ffmpeg, or several on consecutive segments where one libx264 can't keep up."""
+        settings = self.settings.encode
+        workers = settings.workers
+        if workers == "auto":
+            workers = encode_workers_for(video.width, video.height, os.cpu_count())
+        if workers == 1:
+            return VideoEncoder(path, video.width, video.height, fps, self.encoder, self.ffmpeg, input_pix_fmt=pix_fmt)
+        return SegmentedEncoder(
+            path, video.width, video.height, fps, self.encoder, self.ffmpeg,
+            workers=workers, segment_frames=settings.segment_frames, input_pix_fmt=pix_fmt, tmp_dir=work_dir,
+        )  # fmt: skip
 
     def _fps(self, request: LipsyncRequest, video: VideoInfo) -> Fraction:
         return Fraction(request.fps).limit_denominator(_FPS_MAX_DENOMINATOR) if request.fps else video.fps

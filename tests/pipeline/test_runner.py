@@ -273,3 +273,22 @@ def test_a_request_can_name_a_prepared_avatar_instead_of_a_video(tiny_pipeline, 
 
     with pytest.raises(AvatarNotFound):
         tiny_pipeline.run(request)
+
+
+def test_parallel_segment_encoders_give_one_exact_output(tiny_models_dir, tmp_path, make_video, make_audio):
+    """encode.workers > 1: segments encoded concurrently, joined without re-encoding, frames exact."""
+    from musetalk_service.pipeline.runner import LipsyncPipeline
+    from musetalk_service.settings import load_settings
+
+    settings = load_settings(models_dir=tiny_models_dir, device="cpu", work_dir=tmp_path / "work")
+    (tmp_path / "work").mkdir()
+    settings = settings.model_copy(update={"encode": settings.encode.model_copy(update={"workers": 2, "segment_frames": 16})})
+    pipeline = LipsyncPipeline.load(settings)
+    ffmpeg = pipeline.ffmpeg
+    video = indexed_video(tmp_path / "indexed.mp4", 12, Fraction(25), ffmpeg, settings)
+    result = lipsync(pipeline, tmp_path, video, make_audio(2.0, ".wav"))
+
+    assert result.frames == 50
+    assert count_video_frames(result.output_path) == 50
+    assert frame_codes(decode_all(result.output_path, ffmpeg)) == [pingpong_index(i, 12) for i in range(50)]
+    assert list((tmp_path / "work").iterdir()) == []
