@@ -49,20 +49,40 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_CANNOT_START
     import uvicorn
 
-    from musetalk_service.api.app import create_app
-    from musetalk_service.pipeline.runner import LipsyncPipeline
+    from musetalk_service.api.app import ServiceServer, create_app
+    from musetalk_service.nets.bundle import _require_files
 
-    # Loaded before the socket opens: a server without usable weights never starts.
+    # Missing weights are the commonest start failure: said before the socket opens. The models
+    # then load in the background, so /health answers at once and /ready turns 200 when loaded;
+    # a load failure (a malformed file) stops the server with the same exit code.
     try:
-        pipeline = LipsyncPipeline.load(settings)
+        _require_files(settings.models_dir)
     except WeightsError as e:
         _error(f"cannot start: {e.message}")
         return EXIT_CANNOT_START
-    app = create_app(settings, pipeline)
-    # log_config=None: uvicorn's loggers go through the logging set up in `_settings`.
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None))
+    failed: list[str] = []
+    server: ServiceServer | None = None
+
+    def load_failed(message: str) -> None:
+        failed.append(message)
+        _error(f"cannot start: {message}")
+        if server is not None:
+            server.should_exit = True
+
+    try:
+        app = create_app(settings, on_load_failure=load_failed)
+    except ValueError as e:
+        _error(f"bad settings: {e}")
+        return EXIT_CANNOT_START
+    # log_config=None: uvicorn's loggers go through the logging set up in `_settings`. In-flight
+    # requests get the job shutdown time plus a margin before uvicorn closes them.
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_config=None,
+        timeout_graceful_shutdown=int(settings.jobs.shutdown_timeout_s) + 10,
+    )
+    server = ServiceServer(config)
     server.run()
-    return 0 if server.started else EXIT_CANNOT_START
+    return EXIT_CANNOT_START if failed or not server.started else 0
 
 
 # --- run ---------------------------------------------------------------------------------------

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +100,33 @@ def test_demo_without_weights_uses_tiny_random_ones_and_says_so(tmp_path, monkey
     assert f"wrote {output}" in out and "total" in out
     assert probe_video(output).frame_count == 12  # floor(0.5 s x 25 fps)
     assert probe_audio(output).duration_s == pytest.approx(0.5, abs=0.05)
+
+
+def test_serve_with_a_missing_input_root_refuses_to_start(tiny_models_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MUSETALK_INPUT_ROOTS", json.dumps([str(tmp_path / "no-such-folder")]))
+
+    code = main(["serve", "--models", str(tiny_models_dir), "--device", "cpu", "--port", "1"])
+
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "bad settings" in err and "no-such-folder" in err and "input_roots" in err
+
+
+def test_serve_with_malformed_weights_stops_with_the_reason(tiny_models_dir, tmp_path):
+    # Every file is there (so the socket opens and /health answers) but the UNet is damaged: the
+    # background load fails and the server stops with exit code 2, naming the file.
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models_dir, models)
+    unet = next(models.rglob("unet.pth"))
+    unet.write_bytes(unet.read_bytes()[:100])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    done = subprocess.run(
+        [str(CONSOLE_SCRIPT), "serve", "--models", str(models), "--device", "cpu", "--port", str(port)],
+        capture_output=True, text=True, timeout=120,
+    )
+
+    assert done.returncode == 2, done.stderr
+    assert "cannot start" in done.stderr and "unet.pth" in done.stderr

@@ -1,48 +1,50 @@
-"""The FastAPI application: the resident pipeline, one request on the models at a time."""
+"""The FastAPI application, and the uvicorn server whose SIGTERM drains the job queue first.
+
+`create_app` builds the `Service` (api/service.py) the routes share: the job queue in front of the
+GPU, metrics, the path policy. The models load in the background unless a loaded pipeline is
+given, so `/health` answers at once and `/ready` turns 200 when they are loaded and warmed.
+"""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio.to_thread
+import uvicorn
 from fastapi import FastAPI
 
 import musetalk_service
 from musetalk_service.api.errors import install_error_handlers
+from musetalk_service.api.middleware import ApiKeyMiddleware, MetricsMiddleware
 from musetalk_service.api.routes import router
-from musetalk_service.pipeline.request import LipsyncRequest
-from musetalk_service.pipeline.result import LipsyncResult
-from musetalk_service.pipeline.runner import LipsyncPipeline
+from musetalk_service.api.schemas import AvatarBody, LipsyncBody
+from musetalk_service.api.service import Service
 from musetalk_service.settings import Settings
 
 
-class PipelineSlot:
-    """The one slot on the models: requests take it in arrival order and run in a worker thread."""
-
-    def __init__(self, pipeline: LipsyncPipeline):
-        self.pipeline = pipeline
-        self._lock = asyncio.Lock()
-
-    async def run(self, request: LipsyncRequest) -> LipsyncResult:
-        async with self._lock:
-            # The thread is never abandoned (anyio's default): if the client goes away, the lock is
-            # released only once the run has finished with the models, so the next run can't overlap it.
-            return await anyio.to_thread.run_sync(self.pipeline.run, request)
-
-
-def create_app(settings: Settings, pipeline: LipsyncPipeline | None = None) -> FastAPI:
-    """The service; it loads the pipeline at start unless one is given (tests share a loaded one)."""
+def create_app(
+    settings: Settings,
+    pipeline: Any = None,
+    *,
+    ready_timeout_s: float = 5.0,
+    on_load_failure: Callable[[str], None] | None = None,
+) -> FastAPI:
+    """The service. It loads the pipeline in the background unless one is given (tests share a
+    loaded one). `ready_timeout_s`: how long `/ready` waits for the GPU to answer a tiny op.
+    `on_load_failure(message)` is called (from the loading thread) if the models fail to load.
+    Raises ValueError when a configured input or output root is not an existing folder."""
+    service = Service(settings, pipeline, ready_timeout_s=ready_timeout_s, on_load_failure=on_load_failure)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loaded = pipeline
-        if loaded is None:
-            # In a thread: loading takes seconds to minutes and must not stall the event loop.
-            loaded = await anyio.to_thread.run_sync(LipsyncPipeline.load, settings)
-        app.state.slot = PipelineSlot(loaded)
-        yield
+        service.start()
+        try:
+            yield
+        finally:
+            # In a thread: it waits for the running job (up to jobs.shutdown_timeout_s).
+            await anyio.to_thread.run_sync(service.stop)
 
     app = FastAPI(
         title="musetalk-service",
@@ -50,7 +52,54 @@ def create_app(settings: Settings, pipeline: LipsyncPipeline | None = None) -> F
         summary="MuseTalk 1.5 lip-sync: a talking-head video and a speech track in, a lip-synced MP4 out.",
         lifespan=lifespan,
     )
+    app.state.service = service
     app.state.settings = settings
     install_error_handlers(app)
+    if settings.api_key:
+        app.add_middleware(ApiKeyMiddleware, key=settings.api_key, open_paths=("/health",))
+    # Outermost: it also counts the 401s and the 500s answered by the middleware inside it.
+    app.add_middleware(
+        MetricsMiddleware, metrics=lambda: service.metrics, routes=lambda: [*router.routes, *app.router.routes]
+    )
     app.include_router(router)
+    _document_bodies(app)
     return app
+
+
+def _document_bodies(app: FastAPI) -> None:
+    """The routes read their bodies themselves (JSON or multipart): add the body schemas that
+    their OpenAPI `requestBody` refers to."""
+    default = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = default()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (LipsyncBody, AvatarBody):
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+class ServiceServer(uvicorn.Server):
+    """uvicorn's server; on SIGTERM/SIGINT it first stops the job queue taking jobs.
+
+    The first signal applies `jobs.shutdown_mode` (finish or cancel the running job); a second one
+    cancels it. The job manager's lock is never taken in the signal handler: the call is scheduled
+    on the event loop.
+    """
+
+    def __init__(self, config: uvicorn.Config):
+        super().__init__(config)
+        self.service: Service = config.app.state.service
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        service = self.service
+        mode = "cancel" if self.should_exit else service.settings.jobs.shutdown_mode
+        loop = service.loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(service.begin_shutdown, mode)
+        super().handle_exit(sig, frame)

@@ -17,21 +17,60 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from musetalk_service.errors import ServiceError
+from musetalk_service.api.jobs import QueueFull
+from musetalk_service.errors import InputError, ServiceError
 
 log = logging.getLogger(__name__)
 
 
-def error_response(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"code": code, "message": message}})
+class NotReady(ServiceError):
+    """The models are loading, failed to load, or the GPU does not answer: try another instance."""
+
+    code = "not_ready"
+    status = 503
+
+
+class Unauthorized(ServiceError):
+    code = "unauthorized"
+    status = 401
+
+
+class DiskFull(ServiceError):
+    """The output or work disk has no space left: the job failed and removed what it had written."""
+
+    code = "disk_full"
+    status = 507
+
+
+class LimitExceeded(InputError):
+    """The input is beyond a configured limit (`limits.*`); the code says which."""
+
+    status = 422
+
+
+class UploadTooLarge(InputError):
+    code = "upload_too_large"
+    status = 413
+
+
+class BadUpload(InputError):
+    code = "invalid_upload"
+    status = 400
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"code": code, "message": message}}, headers=headers)
 
 
 async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-    if exc.status >= 500:
+    if exc.status == 500:
         log.error("%s %s failed: %s", request.method, request.url.path, exc.code, exc_info=exc)
+    elif exc.status > 500:
+        log.warning("%s %s failed: %s: %s", request.method, request.url.path, exc.code, exc.message)
     else:
         log.info("%s %s rejected: %s: %s", request.method, request.url.path, exc.code, exc.message)
-    return error_response(exc.status, exc.code, exc.message)
+    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else None
+    return error_response(exc.status, exc.code, exc.message, headers)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -27,20 +27,11 @@ _CHEEK = (
 )
 
 
-class LipsyncBody(BaseModel):
-    """One lip-sync: a talking-head video, a speech track, and optional crop/blend options."""
+class _PrepOptions(BaseModel):
+    """The options that shape how a video is prepared (face boxes, latents, blend masks)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    video_path: str = Field(description="Path of the talking-head video, as the server sees it.")
-    audio_path: str = Field(
-        description="Path of the speech track (wav, mp3, m4a, ogg...); the output lasts as long as it."
-    )
-    output_path: str | None = Field(
-        None,
-        description="Where to write the MP4; its directory must exist and be writable. "
-        "Unset: `<output_dir>/<video>_<audio>_<id>.mp4` on the server.",
-    )
     face_box: tuple[NonNegativeInt, NonNegativeInt, NonNegativeInt, NonNegativeInt] | None = Field(
         None,
         description="`[x1, y1, x2, y2]` in source-frame pixels (x2, y2 exclusive): use this face box "
@@ -49,7 +40,6 @@ class LipsyncBody(BaseModel):
     fps: float | None = Field(
         None, gt=0, le=120, description="Output frame rate; unset keeps the video's own rate."
     )
-    batch_size: _option("batch_size") = None
     bbox_shift: _option("bbox_shift") = None
     extra_margin: _option("extra_margin") = None
     parsing_mode: _option(
@@ -69,6 +59,39 @@ class LipsyncBody(BaseModel):
         return box
 
 
+class LipsyncBody(_PrepOptions):
+    """One lip-sync: a talking-head video (or a prepared avatar), a speech track, and optional options.
+
+    As JSON, the media are paths the server can read. As `multipart/form-data`, files `video` and
+    `audio` may be uploaded instead (the other fields as form fields of the same names).
+    """
+
+    video_path: str | None = Field(
+        None, description="Path of the talking-head video, as the server sees it. Give this or `avatar_id`."
+    )
+    avatar_id: str | None = Field(
+        None,
+        description="A prepared avatar (`POST /avatars`) instead of `video_path`: its video and "
+        "preparation options are used, and preparation is skipped.",
+    )
+    audio_path: str = Field(
+        description="Path of the speech track (wav, mp3, m4a, ogg...); the output lasts as long as it."
+    )
+    output_path: str | None = Field(
+        None,
+        description="Where to write the MP4; its directory must exist and be writable (and lie under "
+        "`output_roots` when set). Unset: `<output_dir>/<video>_<audio>_<id>.mp4` on the server, "
+        "removed when the job is forgotten (`jobs.keep_finished_s`).",
+    )
+    batch_size: _option("batch_size") = None
+
+
+class AvatarBody(_PrepOptions):
+    """A video to prepare ahead of time. As `multipart/form-data`, upload file `video` instead."""
+
+    video_path: str = Field(description="Path of the talking-head video, as the server sees it.")
+
+
 class LipsyncResponse(BaseModel):
     """A finished lip-sync."""
 
@@ -86,17 +109,86 @@ class LipsyncResponse(BaseModel):
     )
     fallbacks: int = Field(description="Frames whose fast blend failed and were recomputed the slow way.")
     frames_without_face: int = Field(description="Frames passed through unchanged: no face in their source frame.")
+    avatar_id: str | None = Field(
+        None, description="The prepared video this was made from: name it in later requests to skip preparation."
+    )
     warnings: list[str] = Field(default_factory=list, description="Things worth knowing about this output.")
+    job_id: str | None = Field(
+        None, description="The job that made it: `GET /jobs/{job_id}/output` downloads the MP4 while the job is kept."
+    )
+
+
+class JobAccepted(BaseModel):
+    """A queued job (202): poll `status_url`."""
+
+    job_id: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"] = Field(
+        description="Usually `queued`; a job may have started (or even finished) by the time this is sent."
+    )
+    status_url: str = Field(description="`/jobs/{job_id}`: poll it for status, progress and the result.")
+    queue_position: int | None = Field(None, description="1-based place in the queue when accepted.")
+
+
+class JobResponse(BaseModel):
+    """A job's state: `GET /jobs/{job_id}`."""
+
+    job_id: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    phase: str | None = Field(
+        description="What it is doing: `prepare` (face boxes, latents, masks), `frames` (lip-sync), `done`."
+    )
+    frames_done: int = Field(description="Frames done in the current phase.")
+    frames_total: int = Field(description="Frames the current phase will do (0 until known).")
+    cancel_requested: bool = Field(description="A cancel (client, time limit or shutdown) is on its way.")
+    queue_position: int | None = Field(description="1-based place in the queue while queued.")
+    created_at: str | None
+    started_at: str | None
+    finished_at: str | None
+    queue_wait_s: float = Field(description="Seconds waited for the GPU.")
+    run_s: float | None = Field(description="Seconds running so far (or in all, once finished).")
+    timings: dict[str, float] = Field(description="Seconds per phase so far; the pipeline's own once succeeded.")
+    result: dict[str, Any] | None = Field(
+        description="Once succeeded: the lip-sync's facts (as `POST /lipsync` returns them), or the avatar's."
+    )
+    error: "ErrorDetail | None" = Field(description="Once failed or cancelled: why.")
+    status_url: str
+    output_url: str | None = Field(description="Once a lip-sync succeeded: where to download the MP4.")
 
 
 class HealthResponse(BaseModel):
-    """The loaded service."""
+    """Liveness: the process answers. Cheap; never waits for the GPU."""
 
-    status: Literal["ok"] = Field(description="`ok`: the models are loaded and warmed up.")
-    device: str = Field(description="The torch device the models run on, e.g. `cuda:0` or `cpu`.")
-    weights: Literal["random", "official", "custom"] = Field(description="Which weights are loaded.")
-    encoder: str = Field(description="The H.264 encoder chosen at start by probing ffmpeg.")
-    models_loaded: bool = Field(description="Every network is resident on the device.")
+    status: Literal["ok"] = Field(description="`ok`: the process is alive and its event loop answers.")
+    models_loaded: bool = Field(description="Every network is resident on the device (false while loading).")
+    device: str | None = Field(description="The torch device the models run on, e.g. `cuda:0` or `cpu`.")
+    weights: Literal["random", "official", "custom"] | None = Field(description="Which weights are loaded.")
+    encoder: str | None = Field(description="The H.264 encoder chosen at start by probing ffmpeg.")
+
+
+class ReadyResponse(BaseModel):
+    """Readiness: the service takes jobs now (200); otherwise 503 with the reason."""
+
+    status: Literal["ready"] = "ready"
+    queue_depth: int = Field(description="Jobs waiting for the GPU.")
+    max_queue: int = Field(description="Beyond this many waiting jobs, submissions get 429.")
+    jobs_running: int = Field(description="0 or 1.")
+
+
+class AvatarResponse(BaseModel):
+    """A prepared avatar."""
+
+    model_config = ConfigDict(extra="allow")
+
+    avatar_id: str = Field(description="Name it as `avatar_id` in `POST /lipsync` or `POST /jobs`.")
+    frame_count: int = Field(description="Source frames prepared.")
+    fps: str = Field(description="The rate the video was prepared at, as a fraction, e.g. `25/1`.")
+    width: int
+    height: int
+    faces: int = Field(description="Frames with a face.")
+
+
+class AvatarList(BaseModel):
+    avatars: list[AvatarResponse] = Field(description="Most recently used first.")
 
 
 class ErrorDetail(BaseModel):
@@ -108,3 +200,6 @@ class ErrorResponse(BaseModel):
     """Every error, 4xx and 5xx alike."""
 
     error: ErrorDetail
+
+
+JobResponse.model_rebuild()

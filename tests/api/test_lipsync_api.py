@@ -12,7 +12,7 @@ import pytest
 from musetalk_service import errors
 from musetalk_service.api.app import create_app
 from musetalk_service.pipeline.result import PHASES
-from tests.api.live import FACE_BOX, live_server
+from tests.api.live import FACE_BOX, live_server, wait_ready
 
 
 def post(client: httpx.Client, **body) -> httpx.Response:
@@ -37,10 +37,19 @@ def test_health_reports_device_weights_and_encoder(client):
     }
 
 
-def test_app_loads_its_pipeline_at_start_when_none_is_given(tiny_settings):
+def test_app_loads_its_pipeline_in_the_background_when_none_is_given(tiny_settings):
     with live_server(create_app(tiny_settings)) as client:
+        # Alive at once (liveness), not ready until the models are loaded and warmed.
+        first = client.get("/health").json()
+        first_ready = client.get("/ready")
+        ready = wait_ready(client)
         health = client.get("/health").json()
 
+    assert first["status"] == "ok"
+    if not first["models_loaded"]:
+        assert first_ready.status_code == 503 and first_ready.json()["error"]["code"] == "not_ready"
+        assert "loading" in first_ready.json()["error"]["message"]
+    assert ready.status_code == 200
     assert health["models_loaded"] is True
     assert health["weights"] == "random"
 
@@ -156,8 +165,9 @@ def test_bad_option_values_are_400_invalid_option(client, option, named, talking
     assert_error(response, 400, "invalid_option", *named)
 
 
-def test_missing_required_field_is_400_invalid_option(client, speech_wav):
-    assert_error(post(client, audio_path=str(speech_wav)), 400, "invalid_option", "video_path", "Field required")
+def test_missing_required_field_is_400_invalid_option(client, speech_wav, talking_head_video):
+    assert_error(post(client, audio_path=str(speech_wav)), 400, "invalid_option", "video_path", "avatar_id")
+    assert_error(post(client, video_path=str(talking_head_video)), 400, "invalid_option", "audio_path", "Field required")
 
 
 @pytest.mark.parametrize(
@@ -240,3 +250,16 @@ def test_unexpected_failure_is_500_without_its_details(tiny_settings, tiny_pipel
     assert_error(response, 500, "internal_error")
     assert "secret" not in response.text and "hunter2" not in response.text
     assert health.status_code == 200  # the server goes on
+
+
+def test_openapi_documents_every_route_and_both_body_kinds(client):
+    spec = client.get("/openapi.json").json()
+
+    assert {"/health", "/ready", "/metrics", "/jobs", "/jobs/{job_id}", "/jobs/{job_id}/output", "/lipsync",
+            "/avatars", "/avatars/{avatar_id}"} <= set(spec["paths"])
+    for path in ("/jobs", "/lipsync", "/avatars"):
+        content = spec["paths"][path]["post"]["requestBody"]["content"]
+        assert {"application/json", "multipart/form-data"} <= set(content)
+        ref = content["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+        assert "audio_path" in spec["components"]["schemas"][ref]["properties"] or path == "/avatars"
+        assert "video_path" in spec["components"]["schemas"][ref]["properties"]
