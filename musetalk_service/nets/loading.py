@@ -96,6 +96,16 @@ def build_and_load(build: Callable[[], ModuleT], state: StateDict, path: str | P
     return model
 
 
+def build_from_config(model_cls, config: dict, config_path: str | Path):
+    """`model_cls.from_config(config)` for a diffusers model; WeightsFileError naming `config_path`
+    if the config is invalid (diffusers validates block lists with ValueError; wrong value types
+    surface as TypeError/KeyError)."""
+    try:
+        return model_cls.from_config(config)
+    except (ValueError, TypeError, KeyError) as e:
+        raise WeightsFileError(config_path, f"not a valid {model_cls.__name__} config ({e})") from e
+
+
 def read_json(path: str | Path) -> dict:
     """Read a JSON config file; WeightsFileError naming it when missing, unreadable or not an object."""
     path = Path(path)

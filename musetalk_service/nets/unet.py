@@ -17,7 +17,7 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from musetalk_service.nets.layout import weight_file
-from musetalk_service.nets.loading import WeightsFileError, build_and_load, load_state_dict, read_json
+from musetalk_service.nets.loading import build_and_load, build_from_config, load_state_dict, read_json
 
 # The official v1.5 config, shipped in the checkout's configs/; the random-weights writer copies it.
 # Located from this file rather than via settings, so that nets/ needs no settings stack.
@@ -47,12 +47,8 @@ class PositionalEncoding(nn.Module):
 
 
 def build_unet(config: dict, *, config_path: str | Path = "musetalk.json") -> UNet2DConditionModel:
-    """A UNet2DConditionModel from its constructor kwargs; WeightsFileError naming `config_path` if they are invalid."""
-    try:
-        return UNet2DConditionModel.from_config(config)
-    # diffusers validates the block lists with ValueError; wrong value types surface as TypeError/KeyError.
-    except (ValueError, TypeError, KeyError) as e:
-        raise WeightsFileError(config_path, f"not a valid UNet2DConditionModel config ({e})") from e
+    """A UNet2DConditionModel from its constructor kwargs; WeightsFileError naming `config_path` if invalid."""
+    return build_from_config(UNet2DConditionModel, config, config_path)
 
 
 def load_unet(models_dir: str | Path) -> UNet2DConditionModel:

@@ -13,7 +13,7 @@ from pathlib import Path
 from diffusers import AutoencoderKL
 
 from musetalk_service.nets.layout import weight_file
-from musetalk_service.nets.loading import StateDict, WeightsFileError, build_and_load, load_state_dict, read_json
+from musetalk_service.nets.loading import StateDict, build_and_load, build_from_config, load_state_dict, read_json
 
 # diffusers' default, which applies because the official config.json has no scaling_factor.
 DEFAULT_SCALING_FACTOR = 0.18215
@@ -34,12 +34,8 @@ def rename_legacy_attention_keys(state: StateDict) -> StateDict:
 
 
 def build_vae(config: dict, *, config_path: str | Path = "config.json") -> AutoencoderKL:
-    """An AutoencoderKL from a diffusers config dict; WeightsFileError naming `config_path` if it is invalid."""
-    try:
-        return AutoencoderKL.from_config(config)
-    # diffusers validates the block lists with ValueError; wrong value types surface as TypeError/KeyError.
-    except (ValueError, TypeError, KeyError) as e:
-        raise WeightsFileError(config_path, f"not a valid AutoencoderKL config ({e})") from e
+    """An AutoencoderKL from a diffusers config dict; WeightsFileError naming `config_path` if invalid."""
+    return build_from_config(AutoencoderKL, config, config_path)
 
 
 def load_vae(models_dir: str | Path) -> AutoencoderKL:
