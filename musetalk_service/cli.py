@@ -7,6 +7,7 @@ Heavy modules (torch, the networks, uvicorn) are imported inside the command tha
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -227,6 +228,34 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if settings is None:
+        return EXIT_CANNOT_START
+    from musetalk_service.benchmark.faces import run_face_bench
+    from musetalk_service.benchmark.lipsync import render_table, run_lipsync_bench
+    from musetalk_service.nets.bundle import ModelBundle
+
+    size = tuple(args.size)
+    try:
+        if args.faces:
+            models = ModelBundle.load(settings.models_dir, settings.resolved_device())
+            report = run_face_bench(models, settings, seconds=args.seconds, size=size, fps=args.fps)
+            print(json.dumps(report, indent=2))
+        else:
+            with tempfile.TemporaryDirectory(prefix="musetalk-bench-", dir=settings.work_dir) as work:
+                report = run_lipsync_bench(
+                    settings, Path(work), seconds=args.seconds, video_seconds=args.video_seconds, size=size, fps=args.fps
+                )
+            print(render_table(report))
+    except ServiceError as e:
+        _error(f"[{e.code}] {e.message}")
+        return EXIT_FAILED
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+    return 0
+
+
 def _tiny_weights() -> Path:
     """Tiny random weights in the user's cache, written on first use."""
     from musetalk_service.nets.check import check_weights
@@ -334,6 +363,15 @@ def _parser() -> argparse.ArgumentParser:
     weight_commands.choices["random"].add_argument(
         "--size", choices=("tiny", "full"), default="tiny", help="tiny: CPU-fast test networks; full: the official architectures"
     )
+
+    bench = command("bench", _bench, "Benchmark the real pipeline on synthetic 1080p talking-head input.")
+    settings_flags(bench)
+    bench.add_argument("--seconds", type=float, default=120.0, help="audio length (default: 120)")
+    bench.add_argument("--video-seconds", type=float, help="video length (default: the audio's)")
+    bench.add_argument("--size", type=int, nargs=2, default=(1920, 1080), metavar=("W", "H"), help="frame size (default: 1920 1080)")
+    bench.add_argument("--fps", type=int, default=25, help="frame rate (default: 25)")
+    bench.add_argument("--faces", action="store_true", help="benchmark the face phase only (per-frame vs tracked, box stability)")
+    bench.add_argument("--out", type=Path, help="also write the report as JSON here")
 
     demo = command("demo", _demo, "Offline demo: lip-sync a clip built from scikit-image's astronaut.")
     settings_flags(demo)

@@ -130,3 +130,24 @@ def test_serve_with_malformed_weights_stops_with_the_reason(tiny_models_dir, tmp
 
     assert done.returncode == 2, done.stderr
     assert "cannot start" in done.stderr and "unet.pth" in done.stderr
+
+
+def test_bench_runs_the_real_pipeline_and_writes_its_report(tiny_models_dir, tmp_path):
+    """A small bench on the tiny weights: cold, warm (avatar reused) and face_box runs, JSON written."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "musetalk_service", "bench", "--models", str(tiny_models_dir), "--device", "cpu",
+         "--seconds", "0.4", "--size", "160", "128", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert set(report["runs"]) == {"cold", "warm", "face_box"}
+    assert all(run["frames"] == 10 for run in report["runs"].values())
+    assert report["runs"]["warm"]["avatar_id"] == report["runs"]["cold"]["avatar_id"]
+    assert report["runs"]["warm"]["phases_s"]["vae_encode"] == 0
+    assert report["weights"] == "random" and "warm" in done.stdout
