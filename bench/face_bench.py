@@ -9,12 +9,12 @@ import sys
 from pathlib import Path
 
 from musetalk_service.benchmark.faces import run_face_bench
-from musetalk_service.nets.bundle import ModelBundle
+from musetalk_service.pipeline.runner import load_models
 from musetalk_service.settings import load_settings
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 settings = load_settings(models_dir=Path(sys.argv[1]))
-models = ModelBundle.load(settings.models_dir, settings.resolved_device())
+models = load_models(settings)
 report = run_face_bench(models, settings, seconds=float(sys.argv[2]), size=(1920, 1080), fps=25)
 print(json.dumps(report, indent=2))
 if len(sys.argv) > 3:

@@ -234,12 +234,12 @@ def _bench(args: argparse.Namespace) -> int:
         return EXIT_CANNOT_START
     from musetalk_service.benchmark.faces import run_face_bench
     from musetalk_service.benchmark.lipsync import render_table, run_lipsync_bench
-    from musetalk_service.nets.bundle import ModelBundle
+    from musetalk_service.pipeline.runner import load_models
 
     size = tuple(args.size)
     try:
         if args.faces:
-            models = ModelBundle.load(settings.models_dir, settings.resolved_device())
+            models = load_models(settings)
             report = run_face_bench(models, settings, seconds=args.seconds, size=size, fps=args.fps)
             print(json.dumps(report, indent=2))
         else:

@@ -79,6 +79,26 @@ class FaceSettings(BaseModel):
     smoothing: SmoothingSettings = SmoothingSettings()
 
 
+class CompileSettings(BaseModel):
+    """torch.compile for the per-batch networks (UNet + VAE decoder, VAE encoder, FAN)."""
+
+    enabled: bool | Literal["auto"] = Field(
+        "auto", description="auto: on CUDA (minutes the first time, seconds with a warm cache), off on CPU."
+    )
+    mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode; see docs/benchmarks.md for what each measured."
+    )
+    cache_dir: Path = Field(
+        Path("~/.cache/musetalk-service/torch-compile"),
+        description="Inductor's cache (TORCHINDUCTOR_CACHE_DIR wins): keep it across restarts for a quick start.",
+    )
+
+    def mode_for(self, device: str) -> str | None:
+        """The compile mode to use on `device`, None for eager."""
+        on = device.startswith("cuda") if self.enabled == "auto" else self.enabled
+        return self.mode if on else None
+
+
 class JobSettings(BaseModel):
     """The queue in front of the GPU."""
 
@@ -127,6 +147,7 @@ class Settings(BaseSettings):
     encode: EncodeSettings = EncodeSettings()
     lipsync: LipsyncDefaults = LipsyncDefaults()
     face: FaceSettings = FaceSettings()
+    compile: CompileSettings = CompileSettings()
     jobs: JobSettings = JobSettings()
     limits: LimitSettings = LimitSettings()
     cache: CacheSettings = CacheSettings()

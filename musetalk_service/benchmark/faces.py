@@ -35,6 +35,7 @@ import torch
 from musetalk_service.media.synth import talking_head_frames
 from musetalk_service.nets.haar_face import HaarFaceDetector
 from musetalk_service.pipeline.faces import FaceLocator, S3fdFanFinder
+from musetalk_service.pipeline.prepare import PREP_BATCH
 from musetalk_service.pipeline.request import FaceBox, LipsyncRequest
 from musetalk_service.pipeline.tracking import box_error, box_jitter, box_lag
 from musetalk_service.settings import FaceSettings, Settings
@@ -88,7 +89,7 @@ def run_face_bench(
     jitter, moving-head lag and error, in px and frames, smoothed and not).
     """
     count = max(1, round(seconds * float(fps)))
-    batch = settings.lipsync.batch_size
+    batch = PREP_BATCH  # the runner's face-tracking run length
     request = LipsyncRequest.with_defaults(
         settings.lipsync, video_path=Path("bench.mp4"), audio_path=Path("bench.wav"), output_path=Path("bench-out.mp4")
     )

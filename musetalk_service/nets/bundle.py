@@ -2,6 +2,10 @@
 
 fp16 on CUDA (as the official realtime path runs), fp32 on CPU (CPU fp16 kernels are slow or
 missing). The bundle is read-only after `load`: requests never change it.
+
+The networks the pipeline calls per batch (`generator`, `latent_encoder`, `landmarker`) are
+`FixedBatch` runners: on CUDA they are compiled (`compile_mode`) at one batch size each and
+compiled during `warmup`, so no request ever waits for a compilation.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from musetalk_service.errors import WeightsError
 from musetalk_service.nets import bisenet, fan, s3fd
 from musetalk_service.nets.check import WeightsKind, weights_kind
+from musetalk_service.nets.fixed_batch import FixedBatch
 from musetalk_service.nets.layout import DOWNLOAD_COMMAND, RANDOM_COMMAND, WEIGHT_FILES, weight_file
 from musetalk_service.nets.loading import WeightsFileError
+from musetalk_service.nets.musetalk import FaceGenerator, FaceLatentEncoder
 from musetalk_service.nets.unet import PositionalEncoding, load_unet
 from musetalk_service.nets.vae import load_vae
 from musetalk_service.nets.whisper import N_MEL_FRAMES, load_feature_extractor, load_whisper_encoder
@@ -46,18 +52,33 @@ class ModelBundle:
     feature_extractor: WhisperFeatureExtractor
     face_parser: bisenet.BiSeNet
     face_detector: nn.Module
-    landmarker: nn.Module
+    landmarker: FixedBatch
+    """FAN: `[n, 3, 256, 256]` crops -> `[n, 68, 64, 64]` heatmaps."""
+    generator: FixedBatch
+    """`nets.musetalk.FaceGenerator`: latents + audio tokens -> uint8 BGR faces."""
+    latent_encoder: FixedBatch
+    """`nets.musetalk.FaceLatentEncoder`: masked + reference faces -> UNet input latents."""
     device: torch.device
     dtype: torch.dtype
     weights_kind: WeightsKind
     models_dir: Path
 
     @classmethod
-    def load(cls, models_dir: str | Path, device: str | torch.device = "cpu") -> ModelBundle:
+    def load(
+        cls,
+        models_dir: str | Path,
+        device: str | torch.device = "cpu",
+        *,
+        batch_size: int = 16,
+        prepare_batch: int = 16,
+        compile_mode: str | None = None,
+    ) -> ModelBundle:
         """Load every network of `models_dir` onto `device` ("auto": CUDA when available, else CPU).
 
-        Raises WeightsError naming the missing files and the command that fetches them, or
-        naming a malformed file and why it does not fit.
+        `batch_size`: output frames per `generator` call; `prepare_batch`: source frames per
+        `latent_encoder` and `landmarker` call; `compile_mode`: torch.compile mode for those
+        three, None for eager. Raises WeightsError naming the missing files and the command that
+        fetches them, or naming a malformed file and why it does not fit.
         """
         models_dir = Path(models_dir)
         device = resolve_device(device)
@@ -68,15 +89,24 @@ class ModelBundle:
             whisper = _ready(load_whisper_encoder(models_dir), device, dtype)
             unet = _ready(load_unet(models_dir), device, dtype)
             _check_audio_dims(unet, whisper, models_dir)
+            vae = _ready(load_vae(models_dir), device, dtype)
+            pe = _ready(PositionalEncoding(d_model=whisper.config.d_model), device, dtype)
+            landmarker = _ready(fan.load(_stored("landmarker", models_dir)), device, dtype)
+            if device.type == "cuda":
+                # Detector and parser stay eager and see one input size per video: let cuDNN
+                # pick the fastest convolution for it.
+                torch.backends.cudnn.benchmark = True
             bundle = cls(
-                vae=_ready(load_vae(models_dir), device, dtype),
+                vae=vae,
                 unet=unet,
-                pe=_ready(PositionalEncoding(d_model=whisper.config.d_model), device, dtype),
+                pe=pe,
                 whisper=whisper,
                 feature_extractor=load_feature_extractor(models_dir),
                 face_parser=_ready(bisenet.load(_stored("face_parser", models_dir)), device, dtype),
                 face_detector=_ready(s3fd.load(_stored("face_detector", models_dir)), device, dtype),
-                landmarker=_ready(fan.load(_stored("landmarker", models_dir)), device, dtype),
+                landmarker=FixedBatch(landmarker, prepare_batch, compile_mode),
+                generator=FixedBatch(_ready(FaceGenerator(unet, vae, pe), device, dtype), batch_size, compile_mode),
+                latent_encoder=FixedBatch(FaceLatentEncoder(vae), prepare_batch, compile_mode),
                 device=device,
                 dtype=dtype,
                 weights_kind=weights_kind(models_dir),
@@ -101,7 +131,8 @@ class ModelBundle:
         return self.whisper.config.d_model
 
     def warmup(self) -> None:
-        """One forward through each network at the pipeline's shapes (allocations, kernel selection)."""
+        """One forward through each network at the pipeline's shapes (allocations, kernel
+        selection); the fixed-batch runners at their batch size, which compiles them."""
         started = time.perf_counter()
 
         def zeros(*shape: int) -> torch.Tensor:
@@ -110,14 +141,13 @@ class ModelBundle:
         with torch.inference_mode():
             mel = zeros(1, self.whisper.config.num_mel_bins, N_MEL_FRAMES)
             self.whisper(mel, output_hidden_states=True)
-            audio = self.pe(zeros(1, self.token_count, self.audio_dim))
-            latents = self.vae.encode(zeros(1, 3, FACE_SIZE, FACE_SIZE)).latent_dist.mode()
-            sample = zeros(1, self.unet.config.in_channels, LATENT_SIZE, LATENT_SIZE)
-            self.unet(sample, 0, encoder_hidden_states=audio)
-            self.vae.decode(latents)
             self.face_parser(zeros(1, 3, PARSER_SIZE, PARSER_SIZE))
             self.face_detector(zeros(1, 3, FACE_SIZE, FACE_SIZE))
-            self.landmarker(zeros(1, 3, FACE_SIZE, FACE_SIZE))
+        face = zeros(1, 3, FACE_SIZE, FACE_SIZE)
+        self.landmarker.warmup(face)
+        self.latent_encoder.warmup(face, face)
+        latents = zeros(1, self.unet.config.in_channels, LATENT_SIZE, LATENT_SIZE)
+        self.generator.warmup(latents, zeros(1, self.token_count, self.audio_dim))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         logger.info("warmup done in %.2f s", time.perf_counter() - started)

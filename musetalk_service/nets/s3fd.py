@@ -35,8 +35,10 @@ _ANCHOR_PER_STRIDE = 4
 # NMS input cap per image. Greedy NMS decides each box from higher-scored boxes alone, so capping
 # at the top N changes nothing about which of those N survive, and callers use the best few. It
 # bounds the cost where nearly every anchor passes (random weights pass ~20 000 per 1080p frame,
-# which took NMS 28 s; trained weights pass tens to hundreds).
-_MAX_NMS_INPUT = 1000
+# which took NMS 28 s; trained weights pass tens to hundreds, most of them around the faces). At
+# 1000 the greedy loop still took 12 ms a keyframe on the H100 machine's CPU, more than the
+# network; 256 keeps every face of a talking-head frame (a face draws a few dozen candidates).
+_MAX_NMS_INPUT = 256
 
 # VGG16 stages: (channels as a multiple of width, conv names). Each stage ends with a 2x2 max pool.
 _VGG_STAGES = (
@@ -205,7 +207,7 @@ def decode_detections(
     The reference runs NMS over every candidate above `candidate_threshold` and then keeps scores
     above `score_threshold`. Greedy NMS never lets a lower score suppress a higher one, so running
     it only over scores above the larger of the two thresholds gives the same boxes, with a handful
-    of candidates instead of thousands. For the same reason only the 1000 best candidates of an
+    of candidates instead of thousands. For the same reason only the 256 best candidates of an
     image enter NMS: the boxes kept among them are exactly the reference's.
     """
     threshold = max(score_threshold, candidate_threshold)

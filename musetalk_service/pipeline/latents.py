@@ -38,8 +38,8 @@ def crop_faces(frames: Sequence[np.ndarray] | np.ndarray, boxes: Sequence[FaceBo
     return out
 
 
-def vae_inputs(faces_bgr: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The VAE input for 256x256 BGR faces: `[2b, 3, 256, 256]` float32 in [-1, 1], masked copies first.
+def vae_inputs(faces_bgr: np.ndarray, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE inputs for 256x256 BGR faces: (masked, reference), each `[b, 3, 256, 256]` float32 in [-1, 1].
 
     The masked copy has rows 128..255 (the whole lower half, every column) at -1, which is what the
     official code gets by zeroing them before normalising and what training does directly.
@@ -49,20 +49,20 @@ def vae_inputs(faces_bgr: np.ndarray, device: torch.device | str = "cpu") -> tor
     reference = rgb.to(torch.float32).div_(127.5).sub_(1.0)
     masked = reference.clone()
     masked[:, :, FACE_SIZE // 2 :, :] = -1.0
-    return torch.cat([masked, reference], dim=0)
+    return masked, reference
 
 
 def encode_faces(models: Any, frames: Sequence[np.ndarray] | np.ndarray, boxes: Sequence[FaceBox]) -> torch.Tensor:
-    """UNet input latents `[b, 8, 32, 32]` (model device and dtype) for frames that have a face box.
+    """UNet input latents `[b, 8, 32, 32]` (model device and dtype) for frames that have a face box."""
+    return encode_crops(models, crop_faces(frames, boxes))
 
-    Both copies go through one batched VAE encode. The latent is the posterior mean times the VAE
-    scaling factor. The official code samples the posterior with an unseeded RNG; the mean is what
-    training used, and it is deterministic, so the same frame always gives the same latent.
+
+def encode_crops(models: Any, faces_bgr: np.ndarray) -> torch.Tensor:
+    """UNet input latents `[b, 8, 32, 32]` (model device and dtype) for `crop_faces`' 256x256 faces.
+
+    Both copies go through one batched VAE encode (`nets.musetalk.FaceLatentEncoder`, the
+    bundle's fixed-batch `latent_encoder`): posterior means, so the same frame always gives the
+    same latent.
     """
-    faces = crop_faces(frames, boxes)
-    vae = models.vae
-    pixels = vae_inputs(faces, models.device).to(dtype=models.dtype)
-    with torch.inference_mode():
-        latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
-    masked, reference = latents.chunk(2, dim=0)
-    return torch.cat([masked, reference], dim=1)
+    masked, reference = vae_inputs(faces_bgr, models.device)
+    return models.latent_encoder(masked.to(models.dtype), reference.to(models.dtype))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from musetalk_service.errors import AvatarNotFound, BadAudio, Cancelled, InvalidOption, NoFace, NoVideoStream
+from musetalk_service.errors import AvatarNotFound, BadAudio, Cancelled, InvalidOption, NoFace
 from musetalk_service.media.audio import load_audio
 from musetalk_service.media.decode import VideoReader
 from musetalk_service.media.encode import EncoderChoice, VideoEncoder, choose_encoder
@@ -28,16 +28,16 @@ from musetalk_service.media.mux import mux_audio
 from musetalk_service.media.segments import SegmentedEncoder, encode_workers_for
 from musetalk_service.media.probe import VideoInfo, probe_audio, probe_video
 from musetalk_service.nets.bundle import ModelBundle
+from musetalk_service.nets.fixed_batch import use_compile_cache
 from musetalk_service.pipeline.audio import AudioFeatures
-from musetalk_service.pipeline.avatar_cache import LATENT_SHAPE, Avatar, AvatarCache, avatar_key, prep_options, weights_fingerprint
+from musetalk_service.pipeline.avatar_cache import Avatar, AvatarCache, avatar_key, prep_options, weights_fingerprint
 from musetalk_service.pipeline.blend import FaceBlender
 from musetalk_service.pipeline.device import answers as device_answers
 from musetalk_service.pipeline.device import memory_bytes as device_memory_bytes
-from musetalk_service.pipeline.faces import FaceLocator
 from musetalk_service.pipeline.compose import GpuComposer
 from musetalk_service.pipeline.generate import generate_faces, generate_faces_tensor
-from musetalk_service.pipeline.latents import encode_faces
-from musetalk_service.pipeline.request import FaceBox, LipsyncRequest
+from musetalk_service.pipeline.prepare import PREP_BATCH, AvatarBuilder
+from musetalk_service.pipeline.request import LipsyncRequest
 from musetalk_service.pipeline.result import LipsyncResult
 from musetalk_service.pipeline.source import SourceFrames
 from musetalk_service.pipeline.stages import Consume, Prefetch
@@ -50,9 +50,6 @@ Progress = Callable[[str, int, int], None]
 
 # An fps given as a float (29.97) becomes the exact broadcast rational it stands for (30000/1001).
 _FPS_MAX_DENOMINATOR = 1001
-PREP_BATCH = 16
-"""Frames per batch when preparing an avatar. Fixed, not the request's batch size: face tracking
-places keyframes per batch, so the boxes (and the cache key) would otherwise depend on it."""
 
 
 class LipsyncPipeline:
@@ -80,13 +77,12 @@ class LipsyncPipeline:
     @classmethod
     def load(cls, settings: Settings) -> "LipsyncPipeline":
         """Load every network onto the device, find ffmpeg, probe the encoder, warm up."""
-        device = settings.resolved_device()
         # Weights first: a missing file is the commonest start failure and needs no ffmpeg to report.
-        models = ModelBundle.load(settings.models_dir, device)
+        models = load_models(settings, warm=False)
         ffmpeg = find_ffmpeg(settings.encode.ffmpeg_path)
         encoder = choose_encoder(settings.encode, ffmpeg)
         models.warmup()
-        log.info("pipeline ready: device=%s weights=%s encoder=%s", device, models.weights_kind, encoder.name)
+        log.info("pipeline ready: device=%s weights=%s encoder=%s", models.device, models.weights_kind, encoder.name)
         return cls(models, settings, encoder, ffmpeg)
 
     def health(self) -> dict:
@@ -133,77 +129,100 @@ class LipsyncPipeline:
         if total == 0:
             raise BadAudio(f"{request.audio_path}: audio is shorter than one video frame ({len(samples) / 16000:.3f} s)")
 
-        # 3. The video's avatar: boxes, latents and masks per source frame, cached.
-        avatar = self._avatar(request, video, fps, timer, progress, cancel)
+        # 3. The video's avatar (boxes, latents, masks per source frame): from the cache, else
+        #    built in this pass, each batch prepared just before it is generated.
+        options, key = self._avatar_key(request, fps)
+        avatar = self.avatars.get(key) if self.avatars is not None else None
+        builder = None if avatar is not None else AvatarBuilder(self.models, request, self.settings.face, fps)
 
-        # 4. Per batch of output frames, three overlapping stages (pipeline/stages.py):
-        #    read (decoder thread) -> UNet + VAE decode (this thread, GPU) -> blend + encode (writer thread).
-        source = SourceFrames(request.video_path, video, fps, self.ffmpeg, work_dir, total, avatar.frame_count)
-        blender = FaceBlender(self.models, request, retain=source.needs_cycle, masks=avatar.masks)
+        # 4. Per batch of output frames, three overlapping stages (pipeline/stages.py): read and
+        #    (new video) face phase in the decoder thread -> VAE encode, UNet + VAE decode in this
+        #    thread (GPU) -> blend + encode in the writer thread.
+        source = SourceFrames(request.video_path, video, fps, self.ffmpeg, work_dir, total, avatar.frame_count if avatar else None)
+        blender = FaceBlender(
+            self.models, request, retain=source.needs_cycle or builder is not None, masks=avatar.masks if avatar else None
+        )
         # On a GPU, compose there and hand ffmpeg yuv420p (half the bytes, no conversion in ffmpeg);
         # on CPU the numpy blend is faster than torch's CPU kernels (pipeline/compose.py).
         composer = GpuComposer(blender, self.models.device) if self.models.device.type == "cuda" else None
         generate = generate_faces_tensor if composer is not None else generate_faces
-        latents = avatar.latents.to(self.models.device, self.models.dtype)
+        cached_latents = avatar.latents.to(self.models.device, self.models.dtype) if avatar else None
+        boxes = avatar.boxes if avatar else builder.boxes
         silent_video = work_dir / "video.mp4"
         encoder = self._video_encoder(silent_video, video, fps, "yuv420p" if composer is not None else "bgr24", work_dir)
+        batch_size = request.batch_size
+        if builder is not None and request.face_box is None:
+            # Whole tracking runs per batch: the boxes come out as a separate preparation's would.
+            batch_size = -(-batch_size // PREP_BATCH) * PREP_BATCH
 
         def read_batches():
-            for start in range(0, total, request.batch_size):
-                indices = list(range(start, min(start + request.batch_size, total)))
+            for start in range(0, total, batch_size):
+                indices = list(range(start, min(start + batch_size, total)))
                 with timer.phase("read"):
-                    sources, frames = source.take(indices)
-                yield indices, sources, frames
+                    sources, frames, fresh = source.take(indices)
+                located = None
+                if builder is not None and fresh:
+                    with timer.phase("face_detect"):
+                        located = builder.locate(frames[:fresh])
+                yield indices, sources, frames, located
 
         def compose_and_encode(item) -> None:
             indices, sources, frames, rows, faces, ready = item
             if composer is not None:
                 with timer.phase("blend"):
-                    out = composer.compose(frames, faces, [avatar.boxes[j] for j in sources], sources, ready=ready).yuv
+                    out = composer.compose(frames, faces, [boxes[j] for j in sources], sources, ready=ready).yuv
             else:
                 out = frames
                 if rows:
                     with timer.phase("blend"):
-                        blender.blend_batch(
-                            [frames[k] for k in rows], faces, [avatar.boxes[sources[k]] for k in rows], [sources[k] for k in rows]
-                        )
+                        blender.blend_batch([frames[k] for k in rows], faces, [boxes[sources[k]] for k in rows], [sources[k] for k in rows])
             with timer.phase("encode"):
                 encoder.write(out)
             progress("frames", indices[-1] + 1, total)
 
         no_face_frames = 0
-        with encoder:
-            reader = Prefetch("musetalk-read", read_batches())
-            writer = Consume("musetalk-encode", compose_and_encode)
-            try:
-                for indices, sources, frames in reader:
-                    _check_cancel(cancel)
-                    rows = [k for k, j in enumerate(sources) if avatar.boxes[j] is not None]
-                    no_face_frames += len(indices) - len(rows)
-                    faces = ready = None
-                    if rows:
-                        with timer.phase("unet", gpu=composer is None):
-                            faces = generate(
-                                self.models,
-                                latents[[sources[k] for k in rows]],
-                                audio.windows([indices[k] for k in rows]),
-                            )
-                            if composer is not None:
-                                # The composer's stream waits for this event, not for the whole
-                                # device; waiting on it here keeps the UNet's busy time honest.
-                                ready = torch.cuda.Event()
-                                ready.record()
-                                ready.synchronize()
-                    writer.put((indices, sources, frames, rows, faces, ready))
-                writer.finish()
-            except BaseException:
-                writer.abort()
-                raise
-            finally:
-                reader.close()
-                source.close()
-            with timer.phase("encode"):
-                encoder.close()
+        try:
+            with encoder:
+                reader = Prefetch("musetalk-read", read_batches())
+                writer = Consume("musetalk-encode", compose_and_encode)
+                try:
+                    for indices, sources, frames, located in reader:
+                        _check_cancel(cancel)
+                        if located is not None:
+                            with timer.phase("vae_encode", gpu=True):
+                                builder.encode(located)
+                        if builder is not None and source.frame_count is not None and not builder.has_face:
+                            raise NoFace(f"{request.video_path}: no face found in any of the {builder.located} frames tried")
+                        rows = [k for k, j in enumerate(sources) if boxes[j] is not None]
+                        no_face_frames += len(indices) - len(rows)
+                        faces = ready = None
+                        if rows:
+                            with timer.phase("unet", gpu=composer is None):
+                                picked = [sources[k] for k in rows]
+                                latents = cached_latents[picked] if builder is None else builder.latents(picked)
+                                faces = generate(self.models, latents, audio.windows([indices[k] for k in rows]))
+                                if composer is not None:
+                                    # The composer's stream waits for this event, not for the whole
+                                    # device; waiting on it here keeps the UNet's busy time honest.
+                                    ready = torch.cuda.Event()
+                                    ready.record()
+                                    ready.synchronize()
+                        writer.put((indices, sources, frames, rows, faces, ready))
+                    writer.finish()
+                except BaseException:
+                    writer.abort()
+                    raise
+                finally:
+                    reader.close()
+                with timer.phase("encode"):
+                    encoder.close()
+            # A video longer than the audio: prepare its other frames too, so the avatar is whole.
+            if builder is not None:
+                avatar = self._finish_avatar(builder, source, blender, request, video, key, options, timer, cancel)
+        finally:
+            source.close()
+        if builder is not None and self.avatars is not None:
+            self.avatars.put(avatar)
 
         # 5. Mux: the video stream as encoded, the request's audio copied or encoded to AAC.
         with timer.phase("mux"):
@@ -221,6 +240,26 @@ class LipsyncPipeline:
             frames_without_face=no_face_frames,
             avatar_id=avatar.key,
         )
+
+    def _finish_avatar(self, builder: AvatarBuilder, source: SourceFrames, blender: FaceBlender, request: LipsyncRequest, video: VideoInfo, key: str, options: dict, timer: PhaseTimer, cancel: threading.Event | None) -> Avatar:
+        """Prepare the frames the output did not reach (the audio was shorter), then the avatar."""
+        for frames in source.remaining(PREP_BATCH):
+            _check_cancel(cancel)
+            self._prepare_batch(builder, blender, frames, timer)
+        return builder.finish(key, options, video.width, video.height, request.video_path, blender.export_masks())
+
+    def _prepare_batch(self, builder: AvatarBuilder, blender: FaceBlender, frames, timer: PhaseTimer) -> None:
+        """Boxes, latents and masks of the next source frames, when nothing is generated from them."""
+        with timer.phase("face_detect", gpu=True):
+            located = builder.locate(frames)
+        if located.crops is not None:
+            with timer.phase("vae_encode", gpu=True):
+                builder.encode(located)
+            with timer.phase("blend", gpu=True):
+                rows = located.rows
+                blender.prepare_masks([frames[k] for k in rows], [located.boxes[k] for k in rows], [located.first + k for k in rows])
+        else:
+            builder.encode(located)
 
     def _video_encoder(self, path: Path, video: VideoInfo, fps: Fraction, pix_fmt: str, work_dir: Path):
         """One ffmpeg, or several on consecutive segments where one libx264 can't keep up."""
@@ -266,9 +305,12 @@ class LipsyncPipeline:
             extra_margin=options.get("extra_margin", request.extra_margin),
         )
 
-    def _avatar(self, request: LipsyncRequest, video: VideoInfo, fps: Fraction, timer: PhaseTimer, progress: Progress, cancel: threading.Event | None) -> Avatar:
+    def _avatar_key(self, request: LipsyncRequest, fps: Fraction) -> tuple[dict, str]:
         options = prep_options(request, fps, self.settings.face, self._weights_id, batch_size=PREP_BATCH)
-        key = avatar_key(request.video_path, options)
+        return options, avatar_key(request.video_path, options)
+
+    def _avatar(self, request: LipsyncRequest, video: VideoInfo, fps: Fraction, timer: PhaseTimer, progress: Progress, cancel: threading.Event | None) -> Avatar:
+        options, key = self._avatar_key(request, fps)
 
         def build() -> Avatar:
             return self._build_avatar(key, options, request, video, fps, timer, progress, cancel)
@@ -277,10 +319,8 @@ class LipsyncPipeline:
 
     def _build_avatar(self, key: str, options: dict, request: LipsyncRequest, video: VideoInfo, fps: Fraction, timer: PhaseTimer, progress: Progress, cancel: threading.Event | None) -> Avatar:
         """Decode the whole video once: boxes (face phase), latents (VAE encode), masks (BiSeNet)."""
-        locator = FaceLocator(self.models, request, self.settings.face, fps)
-        masks = FaceBlender(self.models, request, retain=True)
-        boxes: list[FaceBox | None] = []
-        latents: list[torch.Tensor] = []
+        builder = AvatarBuilder(self.models, request, self.settings.face, fps)
+        blender = FaceBlender(self.models, request, retain=True)
         estimate = max(video.frame_count, 1)
 
         def read_batches():
@@ -296,37 +336,11 @@ class LipsyncPipeline:
         try:
             for frames in reader:
                 _check_cancel(cancel)
-                indices = list(range(len(boxes), len(boxes) + len(frames)))
-                with timer.phase("face_detect", gpu=True):
-                    found = locator.locate(frames, indices)
-                batch = torch.zeros((len(frames), *LATENT_SHAPE), dtype=torch.float16)
-                rows = [k for k, box in enumerate(found) if box is not None]
-                if rows:
-                    with timer.phase("vae_encode", gpu=True):
-                        batch[rows] = encode_faces(self.models, frames[rows], [found[k] for k in rows]).to("cpu", torch.float16)
-                    with timer.phase("blend", gpu=True):
-                        masks.prepare_masks([frames[k] for k in rows], [found[k] for k in rows], [indices[k] for k in rows])
-                boxes.extend(found)
-                latents.append(batch)
-                progress("prepare", len(boxes), max(estimate, len(boxes)))
+                self._prepare_batch(builder, blender, frames, timer)
+                progress("prepare", builder.located, max(estimate, builder.located))
         finally:
             reader.close()
-        if not any(box is not None for box in boxes):
-            raise NoFace(f"{request.video_path}: no face found in any of the {len(boxes)} frames tried")
-        if not boxes:
-            raise NoVideoStream(f"{request.video_path}: the video stream has no decodable frames")
-        return Avatar(
-            key=key,
-            frame_count=len(boxes),
-            fps=fps,
-            width=video.width,
-            height=video.height,
-            boxes=tuple(boxes),
-            latents=torch.cat(latents),
-            masks=masks.export_masks(),
-            options=options,
-            video=str(Path(request.video_path).resolve()),
-        )
+        return builder.finish(key, options, video.width, video.height, request.video_path, blender.export_masks())
 
     def _sync(self) -> None:
         if self.models.device.type == "cuda":
@@ -342,6 +356,23 @@ class LipsyncPipeline:
         """A tiny op on the device, waited for (True on the CPU). Blocks if the GPU has stopped
         answering: call it from a thread with a timeout."""
         return device_answers(self.models.device)
+
+
+def load_models(settings: Settings, *, warm: bool = True) -> ModelBundle:
+    """The networks as the service runs them: on the configured device, the per-batch ones at
+    their fixed batch sizes and compiled where `settings.compile` says (with its disk cache);
+    warmed up (compiled) unless `warm` is False."""
+    device = settings.resolved_device()
+    compile_mode = settings.compile.mode_for(device)
+    if compile_mode is not None:
+        use_compile_cache(settings.compile.cache_dir)
+    models = ModelBundle.load(
+        settings.models_dir, device,
+        batch_size=settings.lipsync.batch_size, prepare_batch=PREP_BATCH, compile_mode=compile_mode,
+    )  # fmt: skip
+    if warm:
+        models.warmup()
+    return models
 
 
 def _no_progress(phase: str, done: int, total: int) -> None:

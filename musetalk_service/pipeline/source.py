@@ -36,8 +36,11 @@ class FrameStore:
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
 
     def append(self, frames: np.ndarray) -> None:
-        data = np.ascontiguousarray(frames).tobytes()
-        os.pwrite(self._fd, data, self.count * self.frame_bytes)
+        data = memoryview(np.ascontiguousarray(frames)).cast("B")  # no copy
+        offset = self.count * self.frame_bytes
+        while data:  # a large write may be cut short
+            written = os.pwrite(self._fd, data, offset)
+            data, offset = data[written:], offset + written
         self.count += len(frames)
 
     def read(self, indices: list[int]) -> np.ndarray:
@@ -58,36 +61,89 @@ class FrameStore:
 class SourceFrames:
     """Hands out source frames for batches of output frame indices, in output order.
 
-    `frame_count` is the video's exact frame count at `fps` (known from its prepared avatar), so
-    whether the output cycles is known before the first frame: only then are frames kept on disk.
+    `frame_count` is the video's exact frame count at `fps` when it is known (from its prepared
+    avatar); None when the video is being prepared in the same pass, in which case it becomes
+    known when the decoder runs dry. Frames are kept on disk only when the output cycles: for an
+    unknown count, when the output is clearly longer than the probe's estimate. Should a video
+    whose estimate said otherwise turn out to need it, it is decoded again into the store, once.
     """
 
-    def __init__(self, video_path: Path, info: VideoInfo, fps: Fraction, ffmpeg: str, work_dir: Path, output_frames: int, frame_count: int):
-        self.frame_count = frame_count
-        self.needs_cycle = output_frames > frame_count
-        self._reader = VideoReader(video_path, info, fps, ffmpeg).__enter__()
-        self._store = FrameStore(work_dir / "frames.raw", info.height, info.width) if self.needs_cycle else None
+    # A container's duration can be a little off: only beyond this margin is a cycle certain.
+    _ESTIMATE_MARGIN = 1.03
 
-    def take(self, output_indices: list[int]) -> tuple[list[int], np.ndarray]:
-        """Source indices and frames ([b,H,W,3] BGR, private to the caller) for the next batch.
+    def __init__(self, video_path: Path, info: VideoInfo, fps: Fraction, ffmpeg: str, work_dir: Path, output_frames: int, frame_count: int | None):
+        self.frame_count = frame_count
+        self._open = lambda: VideoReader(video_path, info, fps, ffmpeg)
+        if frame_count is not None:
+            cycles = output_frames > frame_count
+        else:
+            estimate = round(info.duration_s * fps) if info.duration_s else info.frame_count
+            cycles = not estimate or output_frames > estimate * self._ESTIMATE_MARGIN
+        self._reader = self._open().__enter__()
+        self._store_path = work_dir / "frames.raw"
+        self._store = FrameStore(self._store_path, info.height, info.width) if cycles else None
+        self._read = 0
+
+    @property
+    def needs_cycle(self) -> bool:
+        """Whether source frames may be shown more than once (then blend masks are worth keeping)."""
+        return self._store is not None
+
+    def take(self, output_indices: list[int]) -> tuple[list[int], np.ndarray, int]:
+        """Source indices, frames ([b,H,W,3] BGR, private to the caller) and how many of them are
+        fresh (decoded for the first time: the leading ones) for the next batch.
 
         Batches must come in order and contiguous. The first pass over the video streams from the
         decoder (each read is a new array); once the output runs past the video's end, frames come
-        back from the store in ping-pong order, a fresh copy for every output frame.
+        back from the store in ping-pong order, a fresh copy for every output frame. Raises
+        IOError if the video has fewer frames than its known `frame_count`, or none at all.
         """
-        sources = [pingpong_index(i, self.frame_count) for i in output_indices]
-        fresh_end = min(output_indices[-1] + 1, self.frame_count)
-        fresh_start = min(output_indices[0], self.frame_count)
-        if fresh_end > fresh_start:
-            fresh = self._reader.read(fresh_end - fresh_start)
-            if len(fresh) != fresh_end - fresh_start:
-                raise IOError(f"the video gave {fresh_start + len(fresh)} frames; its avatar has {self.frame_count}")
+        end = output_indices[-1] + 1
+        fresh = np.empty((0,), np.uint8)
+        if self._read < end and (self.frame_count is None or self._read < self.frame_count):
+            want = end - self._read if self.frame_count is None else min(end, self.frame_count) - self._read
+            fresh = self._reader.read(want)
+            self._read += len(fresh)
             if self._store is not None:
                 self._store.append(fresh)
-            if fresh_end - fresh_start == len(output_indices):
-                return sources, fresh
-        assert self._store is not None
-        return sources, self._store.read(sources)
+            if len(fresh) < want:
+                if self.frame_count is not None:
+                    raise IOError(f"the video gave {self._read} frames; its avatar has {self.frame_count}")
+                self.frame_count = self._read
+                if self.frame_count == 0:
+                    raise IOError("the video has no decodable frames")
+                if self._store is None and end > self.frame_count:
+                    self._refill_store()
+        n = self.frame_count
+        sources = [i if n is None else pingpong_index(i, n) for i in output_indices]
+        if len(fresh) == len(output_indices):
+            return sources, fresh, len(fresh)
+        rest = self._store.read(sources[len(fresh) :])
+        frames = rest if not len(fresh) else np.concatenate([fresh, rest])
+        return sources, frames, len(fresh)
+
+    def remaining(self, batch: int):
+        """The first pass's frames the output did not reach (the audio was shorter than the
+        video), in batches of up to `batch`; afterwards `frame_count` is known."""
+        while self.frame_count is None:
+            frames = self._reader.read(batch)
+            self._read += len(frames)
+            if len(frames) < batch:
+                self.frame_count = self._read
+            if len(frames):
+                yield frames
+
+    def _refill_store(self) -> None:
+        """The video ended sooner than its probe said and the output cycles: decode it again into a store."""
+        reader = self._open().__enter__()
+        try:
+            self._store = FrameStore(self._store_path, reader.height, reader.width)
+            while len(batch := reader.read(32)):
+                self._store.append(batch)
+        finally:
+            reader.__exit__(None, None, None)
+        if self._store.count != self.frame_count:
+            raise IOError(f"the video gave {self._store.count} frames on a second decode, {self.frame_count} on the first")
 
     def close(self) -> None:
         self._reader.__exit__(None, None, None)

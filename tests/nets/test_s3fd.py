@@ -250,7 +250,7 @@ def test_capping_nms_input_keeps_exactly_the_reference_boxes_among_the_best():
     (capped,) = s3fd.decode_detections(outputs)
     candidates = _all_candidates(outputs)
     reference = candidates[s3fd.nms(candidates, 0.3)]
-    cutoff = np.sort(candidates[:, 4])[-1000]
+    cutoff = np.sort(candidates[:, 4])[-s3fd._MAX_NMS_INPUT]
     assert 0 < len(capped) < len(reference)
     np.testing.assert_allclose(capped, reference[reference[:, 4] >= cutoff], atol=1e-3)
 

@@ -25,9 +25,8 @@ def test_crop_is_the_box_squashed_to_256_with_lanczos():
 def test_lower_half_of_the_masked_copy_is_minus_one():
     faces = np.random.default_rng(1).integers(0, 256, (3, 256, 256, 3), dtype=np.uint8)
     faces[0, :, :] = (255, 128, 0)  # BGR
-    pixels = vae_inputs(faces)
-    assert pixels.shape == (6, 3, 256, 256) and pixels.dtype == torch.float32
-    masked, reference = pixels[:3], pixels[3:]
+    masked, reference = vae_inputs(faces)
+    assert masked.shape == reference.shape == (3, 3, 256, 256) and masked.dtype == torch.float32
     assert torch.all(masked[:, :, 128:, :] == -1.0)
     assert torch.equal(masked[:, :, :128, :], reference[:, :, :128, :])
     # RGB order, [0, 255] -> [-1, 1].
@@ -42,9 +41,9 @@ def test_latents_are_the_posterior_mean(tiny_bundle):
     assert latents.shape == (3, 8, 32, 32) and latents.dtype == tiny_bundle.dtype
     # Deterministic: the mean, not a sample.
     assert torch.equal(latents, encode_faces(tiny_bundle, frames, boxes))
-    pixels = vae_inputs(crop_faces(frames, boxes))
+    masked, reference = vae_inputs(crop_faces(frames, boxes))
     with torch.inference_mode():
-        posterior = tiny_bundle.vae.encode(pixels).latent_dist
+        posterior = tiny_bundle.vae.encode(torch.cat([masked, reference])).latent_dist
     scale = tiny_bundle.vae.config.scaling_factor
     torch.testing.assert_close(latents[:, :4], posterior.mean[:3] * scale)
     torch.testing.assert_close(latents[:, 4:], posterior.mean[3:] * scale)

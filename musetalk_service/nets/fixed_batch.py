@@ -1,0 +1,111 @@
+"""Run a network at one fixed batch size, optionally compiled with torch.compile.
+
+A compiled graph is specialised to its input shapes: a batch of 7 after a batch of 32 would
+compile again (a minute for the UNet), in the middle of a request. `FixedBatch` cuts its input
+into chunks of exactly `batch_size` rows and pads the last chunk by repeating its final row, so
+the network only ever sees one shape; the padding rows' outputs are dropped. Uncompiled (the CPU
+path, tests) the last chunk is not padded: there is no graph to keep, and padding is wasted work.
+
+Compilation itself (`torch.compile`, default mode, `dynamic=False`) happens on the first call,
+which `warmup` makes at start-up. Inductor keeps what it compiled in its cache directory
+(`use_compile_cache`), so a restart loads kernels instead of compiling them again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+
+
+def use_compile_cache(cache_dir: str | os.PathLike) -> Path:
+    """Point Inductor's on-disk cache (compiled graphs, Triton kernels) at `cache_dir`.
+
+    An explicit `TORCHINDUCTOR_CACHE_DIR` in the environment wins: operators who already set it
+    keep their cache. Must run before the first compilation.
+    """
+    path = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cache_dir).expanduser())))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class FixedBatch(nn.Module):
+    """`module(*tensors)` computed in chunks of exactly `batch_size` rows (see the module docstring).
+
+    Every input is batched along dim 0 with the same number of rows; the module returns one
+    tensor batched the same way. `compile_mode` None runs the module as it is; otherwise it is
+    `torch.compile`d with that mode. `pad` forces padding without compiling (tests use it to check
+    the padding on CPU). Calls run under `torch.inference_mode`.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        batch_size: int,
+        compile_mode: str | None = None,
+        *,
+        pad: bool | None = None,
+        backend: str = "inductor",
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if compile_mode is not None and compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {COMPILE_MODES} or None, got {compile_mode!r}")
+        self.module = module
+        self.train(module.training)
+        self.batch_size = batch_size
+        self.compile_mode = compile_mode
+        self.pad = compile_mode is not None if pad is None else pad
+        compiled = module if compile_mode is None else torch.compile(module, mode=compile_mode, backend=backend, dynamic=False)
+        # Outside nn.Module's registry: the compiled wrapper holds the same parameters.
+        object.__setattr__(self, "_run", compiled)
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        rows = tensors[0].shape[0]
+        if any(t.shape[0] != rows for t in tensors):
+            raise ValueError(f"inputs disagree on the batch: {[t.shape[0] for t in tensors]} rows")
+        if rows == 0:
+            raise ValueError("an empty batch")
+        outputs = []
+        with torch.inference_mode():
+            for start in range(0, rows, self.batch_size):
+                chunk = [t[start : start + self.batch_size] for t in tensors]
+                size = chunk[0].shape[0]
+                if self.pad and size < self.batch_size:
+                    chunk = [_pad_rows(t, self.batch_size) for t in chunk]
+                out = self._run(*chunk)
+                # reduce-overhead replays CUDA graphs whose outputs the next replay overwrites.
+                outputs.append(out[:size].clone() if self.compile_mode == "reduce-overhead" else out[:size])
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def warmup(self, *example_rows: torch.Tensor) -> float:
+        """One batch made from one example row per input: a full batch when padding (that call
+        compiles, when compiling), else one row. Returns the seconds taken."""
+        started = time.perf_counter()
+        rows = self.batch_size if self.pad else 1
+        self(*(_pad_rows(t[:1], rows) for t in example_rows))
+        if example_rows[0].is_cuda:
+            torch.cuda.synchronize(example_rows[0].device)
+        elapsed = time.perf_counter() - started
+        logger.info(
+            "%s ready at batch %d (%s) in %.1f s",
+            type(self.module).__name__, self.batch_size, self.compile_mode or "eager", elapsed,
+        )  # fmt: skip
+        return elapsed
+
+
+def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """`tensor` grown to `rows` rows by repeating its last row (real data: no NaN/inf surprises)."""
+    missing = rows - tensor.shape[0]
+    if missing <= 0:
+        return tensor
+    return torch.cat([tensor, tensor[-1:].expand(missing, *tensor.shape[1:])])

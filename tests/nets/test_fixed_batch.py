@@ -1,0 +1,86 @@
+"""FixedBatch: one batch shape for the network, the same results as calling it directly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from musetalk_service.nets.fixed_batch import FixedBatch, use_compile_cache
+from musetalk_service.nets.musetalk import FaceGenerator
+
+
+class _Affine(nn.Module):
+    """Row-wise, so padding rows cannot change the real rows' results; records each batch it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+        self.seen: list[int] = []
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.shape[0])
+        return self.linear(x) * y
+
+
+def _inputs(rows: int):
+    g = torch.Generator().manual_seed(rows)
+    return torch.randn(rows, 4, generator=g), torch.randn(rows, 3, generator=g)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 8, 13, 24])
+def test_padded_runs_match_direct_calls_and_only_show_the_fixed_batch(rows):
+    module = _Affine()
+    runner = FixedBatch(module, 8, pad=True)
+    x, y = _inputs(rows)
+    out = runner(x, y)
+    assert set(module.seen) == {8}  # one shape only: the last chunk was padded
+    assert len(module.seen) == -(-rows // 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(out, module.linear(x) * y)
+
+
+def test_unpadded_runner_passes_the_last_chunk_as_it_is():
+    module = _Affine()
+    FixedBatch(module, 8)(*_inputs(13))
+    assert module.seen == [8, 5]
+
+
+def test_inputs_must_agree_on_rows_and_not_be_empty():
+    runner = FixedBatch(_Affine(), 8)
+    x, y = _inputs(4)
+    with pytest.raises(ValueError, match="disagree"):
+        runner(x, y[:3])
+    with pytest.raises(ValueError, match="empty"):
+        runner(x[:0], y[:0])
+    with pytest.raises(ValueError, match="compile_mode"):
+        FixedBatch(_Affine(), 8, "fastest")
+
+
+def test_compiled_generator_traces_whole_and_matches_eager(tiny_bundle):
+    """torch.compile's graph capture (the eager backend: no C++ compiler needed on CPU) takes
+    the UNet, the VAE decoder and the pixel conversion as one graph, with the same output."""
+    torch._dynamo.reset()
+    generator = FaceGenerator(tiny_bundle.unet, tiny_bundle.vae, tiny_bundle.pe)
+    # Batch 6 for 6 rows: CPU kernels differ by batch size in the last float bit, which can flip
+    # a rounding; the chunking itself is checked above.
+    compiled = FixedBatch(generator, 6, "default", backend="eager")
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(6, 8, 32, 32, generator=g)
+    audio = torch.randn(6, tiny_bundle.token_count, tiny_bundle.audio_dim, generator=g)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    out = compiled(latents, audio)
+    with torch.inference_mode():
+        expected = generator(latents, audio)
+    assert torch.equal(out, expected)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    torch._dynamo.reset()
+
+
+def test_compile_cache_dir_is_created_and_an_operator_setting_wins(tmp_path, monkeypatch):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert use_compile_cache(tmp_path / "a") == tmp_path / "a" and (tmp_path / "a").is_dir()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert use_compile_cache(tmp_path / "b") == tmp_path / "mine"
