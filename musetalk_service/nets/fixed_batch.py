@@ -61,7 +61,7 @@ class FixedBatch(nn.Module):
         if compile_mode is not None and compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {COMPILE_MODES} or None, got {compile_mode!r}")
         self.module = module
-        self.train(module.training)
+        self.eval()  # inference only: no dropout, BatchNorm on its running statistics
         self.batch_size = batch_size
         self.compile_mode = compile_mode
         self.pad = compile_mode is not None if pad is None else pad
