@@ -48,7 +48,7 @@ router = APIRouter()
 
 MAX_JSON_BYTES = 64 * 1024
 MIN_SIDE = 32
-"""Smallest frame side: the face detector's pooling layers need 32 px (smaller frames crash it)."""
+"""Smallest frame side worth trying: a face in fewer pixels is not one the models can use."""
 _STRING_FIELDS = {"video_path", "audio_path", "output_path", "avatar_id", "parsing_mode"}
 _PREP_FIELDS = ("face_box", "fps", "bbox_shift", "extra_margin", "parsing_mode", "left_cheek_width", "right_cheek_width", "mask_every")
 

@@ -31,6 +31,8 @@ WIDTHS = {"tiny": 4, "full": 64}
 # the pipeline reproduces.
 _MEAN = (104.0, 117.0, 123.0)
 _VARIANCES = (0.1, 0.2)
+MIN_INPUT_SIDE = 32
+"""Smaller inputs would pool to nothing; `detect_faces` pads them up to it."""
 _ANCHOR_PER_STRIDE = 4
 # NMS input cap per image. Greedy NMS decides each box from higher-scored boxes alone, so capping
 # at the top N changes nothing about which of those N survive, and callers use the best few. It
@@ -271,10 +273,15 @@ def detect_faces(
         size = (max(1, round(height * scale)), max(1, round(width * scale)))
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=scale < 1.0)
     mean = torch.tensor(_MEAN, device=x.device).view(1, 3, 1, 1)
-    outputs = model((x - mean).to(weight.dtype))
+    scale_xy = (x.shape[-1] / width, x.shape[-2] / height)
+    # The pooling layers need 32 px a side: pad smaller inputs with the mean colour (0 after the
+    # subtraction) on the right and bottom, which leaves coordinates as they are.
+    pad_w, pad_h = max(0, MIN_INPUT_SIDE - x.shape[-1]), max(0, MIN_INPUT_SIDE - x.shape[-2])
+    x = F.pad(x - mean, (0, pad_w, 0, pad_h))
+    outputs = model(x.to(weight.dtype))
     return decode_detections(
         outputs,
-        scale_xy=(x.shape[-1] / width, x.shape[-2] / height),
+        scale_xy=scale_xy,
         score_threshold=score_threshold,
         nms_iou=nms_iou,
         candidate_threshold=candidate_threshold,

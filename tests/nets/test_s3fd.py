@@ -265,3 +265,10 @@ def _all_candidates(outputs) -> np.ndarray:
     cy = 2 + 4 * y + offsets[1] * 0.1 * 16
     w, h = 16 * np.exp(offsets[2] * 0.2), 16 * np.exp(offsets[3] * 0.2)
     return np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, prob], axis=1)
+
+
+@pytest.mark.parametrize("height, width", [(1, 1), (7, 100), (31, 31), (100, 16)])
+def test_frames_smaller_than_the_pooling_needs_are_padded_not_a_crash(tiny, height, width):
+    frames = np.full((2, height, width, 3), 128, np.uint8)
+    found = s3fd.detect_faces(tiny, frames, score_threshold=0.0)
+    assert len(found) == 2 and all(boxes.ndim == 2 and boxes.shape[1] == 5 for boxes in found)

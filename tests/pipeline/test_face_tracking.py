@@ -214,3 +214,23 @@ def test_face_bench_runs_on_cpu_with_tiny_weights(tiny_bundle, tiny_models_dir):
     assert {"jitter_px", "error_px", "frames_without_face"} <= stability["still"].keys()
     assert {"lag_frames", "error_px", "jitter_px", "true_jitter_px"} <= stability["moving"].keys()
     assert stability["still"]["frames_without_face"] == stability["moving"]["frames_without_face"] == 0
+
+
+def test_frames_too_small_for_the_detector_are_a_clean_result_not_a_crash(
+    tiny_bundle, tiny_models_dir, ffmpeg_exe, speech_wav, tmp_path
+):
+    """S3FD pools a 24x16 frame to nothing; the phase pads it and goes on (random tiny weights
+    may or may not "see" a face there: either a finished output or NoFace, never a crash)."""
+    video = write_talking_head_video(tmp_path / "tiny.mp4", 1.0, FPS, (24, 16), ffmpeg=ffmpeg_exe)
+    work_dir = tmp_path / "work"
+    work_dir.mkdir()
+    settings = load_settings(models_dir=tiny_models_dir, device="cpu", work_dir=work_dir)
+    pipeline = LipsyncPipeline(tiny_bundle, settings, encoder_for("libx264", EncodeSettings()), ffmpeg_exe)
+    output = tmp_path / "out.mp4"
+    try:
+        result = pipeline.run(LipsyncRequest(video_path=video, audio_path=speech_wav, output_path=output, batch_size=8))
+    except NoFace:
+        assert not output.exists()
+    else:
+        assert output.exists() and result.frames > 0
+    assert list(work_dir.iterdir()) == []
