@@ -18,7 +18,7 @@ from fastapi import FastAPI
 import musetalk_service
 from musetalk_service.api.errors import install_error_handlers
 from musetalk_service.api.middleware import ApiKeyMiddleware, MetricsMiddleware
-from musetalk_service.api.routes import router
+from musetalk_service.api.routes import ROUTERS
 from musetalk_service.api.schemas import AvatarBody, LipsyncBody
 from musetalk_service.api.service import Service
 from musetalk_service.settings import Settings
@@ -58,10 +58,10 @@ def create_app(
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, key=settings.api_key, open_paths=("/health",))
     # Outermost: it also counts the 401s and the 500s answered by the middleware inside it.
-    app.add_middleware(
-        MetricsMiddleware, metrics=lambda: service.metrics, routes=lambda: [*router.routes, *app.router.routes]
-    )
-    app.include_router(router)
+    api_routes = [route for router in ROUTERS for route in router.routes]
+    app.add_middleware(MetricsMiddleware, metrics=lambda: service.metrics, routes=lambda: [*api_routes, *app.router.routes])
+    for router in ROUTERS:
+        app.include_router(router)
     _document_bodies(app)
     return app
 

@@ -1,0 +1,261 @@
+"""From a request body (JSON or multipart form) to a checked `LipsyncRequest`.
+
+Requests are checked before they are queued, so a typo or a file beyond the limits fails in
+milliseconds: paths against the roots (`api/paths.py`), then both media probed and held to `limits.*`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pydantic
+from fastapi import Request
+
+from musetalk_service.api.errors import BadUpload, LimitExceeded, describe_validation_errors
+from musetalk_service.api.paths import PathPolicy
+from musetalk_service.api.schemas import AvatarBody, LipsyncBody
+from musetalk_service.api.service import Service
+from musetalk_service.api.uploads import ReceivedForm
+from musetalk_service.errors import AvatarNotFound, InvalidOption
+from musetalk_service.media.probe import probe_audio, probe_video
+from musetalk_service.pipeline.avatar_cache import is_avatar_key
+from musetalk_service.pipeline.request import LipsyncRequest
+from musetalk_service.settings import LimitSettings, Settings
+
+MAX_JSON_BYTES = 64 * 1024
+MIN_SIDE = 32
+"""Smallest frame side worth trying: a face in fewer pixels is not one the models can use."""
+_STRING_FIELDS = {"video_path", "audio_path", "output_path", "avatar_id", "parsing_mode"}
+_PREP_FIELDS = ("face_box", "fps", "bbox_shift", "extra_margin", "parsing_mode", "left_cheek_width", "right_cheek_width", "mask_every")
+
+
+# --- bodies -------------------------------------------------------------------------------------------
+
+
+async def json_body(http: Request, model: type[pydantic.BaseModel]) -> Any:
+    """The JSON body validated as `model`; over `MAX_JSON_BYTES` it is 413 (`body_too_large`)."""
+    length = http.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_JSON_BYTES:
+        raise BadUpload(f"the JSON body is larger than {MAX_JSON_BYTES} bytes", code="body_too_large", status=413)
+    raw = bytearray()
+    async for chunk in http.stream():
+        raw.extend(chunk)
+        if len(raw) > MAX_JSON_BYTES:
+            raise BadUpload(f"the JSON body is larger than {MAX_JSON_BYTES} bytes", code="body_too_large", status=413)
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidOption(f"the body is not valid JSON: {e}", code="invalid_request") from None
+    if not isinstance(data, dict):
+        raise InvalidOption(
+            "the body must be a JSON object (Content-Type: application/json), or multipart/form-data with files",
+            code="invalid_request",
+        )
+    return _validate(model, data)
+
+
+def _validate(model: type[pydantic.BaseModel], data: dict) -> Any:
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as e:
+        raise InvalidOption(describe_validation_errors(e.errors())) from None
+
+
+def body_from_form(
+    form: ReceivedForm, model: type[pydantic.BaseModel], file_paths: dict[str, str]
+) -> tuple[Any, frozenset[str]]:
+    """The body from form fields (JSON values parsed; `options` = all of them as one JSON object)
+    plus the uploaded files as their path fields; and which path fields are uploads."""
+    data: dict[str, Any] = {}
+    if "options" in form.fields:
+        try:
+            options = json.loads(form.fields["options"])
+        except ValueError as e:
+            raise InvalidOption(f"options: not valid JSON: {e}") from None
+        if not isinstance(options, dict):
+            raise InvalidOption("options: must be a JSON object")
+        data.update(options)
+    for name, value in form.fields.items():
+        if name == "options":
+            continue
+        if name in _STRING_FIELDS:
+            data[name] = value
+            continue
+        try:
+            data[name] = json.loads(value)
+        except ValueError:
+            data[name] = value
+    uploaded = set()
+    for part, path_field in file_paths.items():
+        if part in form.files:
+            if data.get(path_field) is not None:
+                raise InvalidOption(f"{path_field}: give a path or upload file {part!r}, not both")
+            data[path_field] = str(form.files[part])
+            uploaded.add(path_field)
+    return _validate(model, data), frozenset(uploaded)
+
+
+# --- checked requests ---------------------------------------------------------------------------------
+
+
+def checked_request(service: Service, body: LipsyncBody, uploaded: frozenset[str]) -> LipsyncRequest:
+    """A lip-sync body as a request whose paths, avatar and media limits are checked (blocking: probes)."""
+    request = prepare_request(body, service.settings, service.paths, uploaded=uploaded)
+    avatar = find_avatar(service.pipeline, body.avatar_id) if body.avatar_id is not None else None
+    check_limits(request, service.settings, avatar)
+    return request
+
+
+def checked_avatar_request(service: Service, body: AvatarBody, uploaded: frozenset[str]) -> LipsyncRequest:
+    """An avatar body as a request (video and preparation options only), its video checked (blocking: probes)."""
+    video = _input_path(service.paths, body.video_path, "video_path", trusted="video_path" in uploaded)
+    options = body.model_dump(include=set(_PREP_FIELDS))
+    request = _request(service.settings, video=video, audio=Path(), output=Path(), options=options)
+    info = probe_video(video)
+    _check_video(info, service.settings.limits, None if request.face_box else service.settings.face.detect_max_side)
+    return request
+
+
+def find_avatar(pipeline: Any, avatar_id: str) -> dict:
+    """The prepared avatar's summary row; `AvatarNotFound` (404) if there is none of that id."""
+    if is_avatar_key(avatar_id):
+        for row in pipeline.list_avatars():
+            if row.get("key") == avatar_id:
+                return row
+    shown = avatar_id if len(avatar_id) <= 64 else avatar_id[:64] + "..."
+    raise AvatarNotFound(f"avatar_id: no prepared avatar {shown!r} (POST /avatars prepares one; GET /avatars lists them)")
+
+
+# --- requests -----------------------------------------------------------------------------------------
+
+
+def prepare_request(
+    body: LipsyncBody,
+    settings: Settings,
+    paths: PathPolicy | None = None,
+    *,
+    uploaded: frozenset[str] = frozenset(),
+) -> LipsyncRequest:
+    """The request with the configured defaults filled in, once its paths are known to be usable.
+
+    Paths are checked here, before the request waits for the models, so a typo fails in
+    milliseconds; `paths` (default: no roots) says where inputs may be read and outputs written.
+    Fields in `uploaded` name files the service itself saved; they skip the root check.
+    """
+    paths = paths or PathPolicy()
+    if (body.video_path is None) == (body.avatar_id is None):
+        raise InvalidOption("give video_path (or upload video) or avatar_id, one of them")
+    if body.avatar_id is not None:
+        given = sorted(name for name in _PREP_FIELDS if getattr(body, name) is not None)
+        if given:
+            raise InvalidOption(
+                f"{', '.join(given)}: an avatar keeps the options it was prepared with; leave these out with avatar_id"
+            )
+    video = None
+    if body.video_path is not None:
+        video = _input_path(paths, body.video_path, "video_path", trusted="video_path" in uploaded)
+    audio = _input_path(paths, body.audio_path, "audio_path", trusted="audio_path" in uploaded)
+    if body.output_path is not None:
+        output = paths.check_output(body.output_path, "output_path")
+    else:
+        settings.output_dir.mkdir(parents=True, exist_ok=True)
+        stem = _safe_stem(Path(body.video_path).stem if body.video_path else f"avatar-{body.avatar_id[:8]}")
+        name = f"{stem}_{_safe_stem(audio.stem)}_{uuid.uuid4().hex[:8]}.mp4"
+        output = paths.check_output(settings.output_dir / name, "output_path")
+    options = body.model_dump(exclude={"video_path", "audio_path", "output_path", "avatar_id"})
+    return _request(settings, video=video, audio=audio, output=output, options=options, avatar_id=body.avatar_id)
+
+
+def _request(settings: Settings, *, video, audio, output, options: dict, avatar_id: str | None = None) -> LipsyncRequest:
+    merged = settings.lipsync.model_dump()
+    merged.update({k: v for k, v in options.items() if v is not None})
+    fields = {f.name for f in dataclasses.fields(LipsyncRequest)}
+    extra = {"avatar_id": avatar_id} if "avatar_id" in fields else {}
+    return LipsyncRequest(video_path=video, audio_path=audio, output_path=output, **extra, **merged)
+
+
+def _input_path(paths: PathPolicy, given: str, field: str, *, trusted: bool) -> Path:
+    if trusted:
+        return Path(given)
+    return paths.check_input(given, field)
+
+
+def _safe_stem(stem: str) -> str:
+    """A file-name part of ASCII letters, digits, `-`, `_` and `.` (client names may hold anything)."""
+    cleaned = "".join(c if (c.isascii() and c.isalnum()) or c in "-_." else "_" for c in stem)[:40].lstrip(".")
+    return cleaned or "media"
+
+
+# --- limits --------------------------------------------------------------------------------------------
+
+
+def check_limits(request: LipsyncRequest, settings: Settings, avatar: dict | None = None) -> None:
+    """Probe both media and hold them to `settings.limits` (422 with a code naming the limit).
+
+    The probe also fails a file that is not usable media, before it waits in the queue.
+    """
+    limits = settings.limits
+    if avatar is not None:
+        fps = _fraction(avatar["fps"])
+        _check_size(int(avatar["width"]), int(avatar["height"]), limits)
+    else:
+        video = probe_video(request.video_path)
+        _check_video(video, limits, None if request.face_box else settings.face.detect_max_side)
+        fps = request.fps or float(video.fps)
+        box = request.face_box
+        if box is not None and (box[2] > video.width or box[3] > video.height):
+            raise InvalidOption(
+                f"face_box: {list(box)} reaches outside the {video.width}x{video.height} frame "
+                "(x2 <= width, y2 <= height, in displayed pixels)"
+            )
+    audio = probe_audio(request.audio_path)
+    if audio.duration_s > limits.max_audio_seconds:
+        raise LimitExceeded(
+            f"audio_path: the audio lasts {audio.duration_s:.1f} s, over the limit of {limits.max_audio_seconds:g} s "
+            "(limits.max_audio_seconds)",
+            code="audio_too_long",
+        )
+    frames = math.floor(audio.duration_s * float(fps))
+    if frames > limits.max_frames:
+        raise LimitExceeded(
+            f"the output would have {frames} frames ({audio.duration_s:.1f} s at {float(fps):g} fps), over the "
+            f"limit of {limits.max_frames} (limits.max_frames); send shorter audio or a lower fps",
+            code="too_many_frames",
+        )
+
+
+def _check_video(video, limits: LimitSettings, detect_max_side: int | None = None) -> None:
+    """Size and duration limits; `detect_max_side`: frames are shrunk to it for face detection."""
+    _check_size(video.width, video.height, limits, detect_max_side)
+    if video.duration_s > limits.max_video_seconds:
+        raise LimitExceeded(
+            f"video_path: the video lasts {video.duration_s:.1f} s, over the limit of {limits.max_video_seconds:g} s "
+            "(limits.max_video_seconds)",
+            code="video_too_long",
+        )
+
+
+def _check_size(width: int, height: int, limits: LimitSettings, detect_max_side: int | None = None) -> None:
+    scale = min(1.0, detect_max_side / max(width, height)) if detect_max_side else 1.0
+    if min(width, height) * scale < MIN_SIDE:
+        shown = f"{width}x{height}" + (f" ({round(width * scale)}x{round(height * scale)} for face detection)" if scale < 1 else "")
+        raise LimitExceeded(
+            f"video_path: {shown} is too small: frames need at least {MIN_SIDE} pixels on each side to find a face",
+            code="resolution_too_small",
+        )
+    if width * height > limits.max_pixels:
+        raise LimitExceeded(
+            f"video_path: {width}x{height} is {width * height} pixels a frame, over the limit of {limits.max_pixels} "
+            "(limits.max_pixels); scale the video down",
+            code="resolution_too_large",
+        )
+
+
+def _fraction(text: str) -> float:
+    num, _, den = str(text).partition("/")
+    return float(num) / float(den or 1)

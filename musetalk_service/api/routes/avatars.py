@@ -1,0 +1,78 @@
+"""Avatars: prepare a video ahead of time (POST /avatars), list, show and forget them."""
+
+from __future__ import annotations
+
+import shutil
+
+import anyio.to_thread
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from musetalk_service.api.requests import body_from_form, checked_avatar_request, find_avatar, json_body
+from musetalk_service.api.routes.common import SUBMIT_ERRORS, body_doc, error_docs, get_service, raise_failure, wait_for
+from musetalk_service.api.schemas import AvatarBody, AvatarList, AvatarResponse
+from musetalk_service.api.service import AvatarTask, JobFiles, avatar_summary
+from musetalk_service.api.uploads import is_multipart, receive_form
+
+router = APIRouter()
+
+
+@router.post(
+    "/avatars", status_code=201, response_model=AvatarResponse, responses={**SUBMIT_ERRORS, **error_docs(499, 504, 507)},
+    openapi_extra=body_doc(AvatarBody, "`video`"),
+)
+async def create_avatar(http: Request) -> JSONResponse:
+    """Prepare a video ahead of time (face boxes, latents, blend masks) and keep it in the avatar
+    cache; name the returned `avatar_id` in lip-sync requests instead of `video_path`. Runs as a job
+    on the GPU queue, waited for here (cancelled if the client goes away)."""
+    service = get_service(http)
+    service.require_loaded()
+    settings = service.settings
+    files = JobFiles()
+    try:
+        if is_multipart(http):
+            files.upload_dir = service.upload_folder()
+            form = await receive_form(http, files.upload_dir, max_bytes=settings.limits.max_upload_bytes, file_fields=("video",))
+            body, uploaded = body_from_form(form, AvatarBody, {"video": "video_path"})
+            if uploaded:
+                # The avatar refers to its video for every later request: keep it outside the upload folder.
+                staged = form.files["video"]
+                files.avatar_video = service.avatar_video_path(staged.suffix)
+                shutil.move(staged, files.avatar_video)
+                body = body.model_copy(update={"video_path": str(files.avatar_video)})
+        else:
+            body, uploaded = await json_body(http, AvatarBody), frozenset()
+        request = await anyio.to_thread.run_sync(checked_avatar_request, service, body, uploaded)
+    except BaseException:
+        if files.upload_dir is not None:
+            shutil.rmtree(files.upload_dir, ignore_errors=True)
+        if files.avatar_video is not None:
+            files.avatar_video.unlink(missing_ok=True)
+        raise
+    job = service.submit(AvatarTask(request), files)
+    await wait_for(service, job, http)
+    raise_failure(job)
+    return JSONResponse({**job.result.to_dict(), "job_id": job.id}, status_code=201)
+
+
+@router.get("/avatars", response_model=AvatarList, responses=error_docs(401, 503))
+async def list_avatars(http: Request) -> dict:
+    """The prepared avatars, most recently used first."""
+    pipeline = get_service(http).require_loaded()
+    return {"avatars": [avatar_summary(row) for row in pipeline.list_avatars()]}
+
+
+@router.get("/avatars/{avatar_id}", response_model=AvatarResponse, responses=error_docs(401, 404, 503))
+async def get_avatar(avatar_id: str, http: Request) -> dict:
+    return avatar_summary(find_avatar(get_service(http).require_loaded(), avatar_id))
+
+
+@router.delete("/avatars/{avatar_id}", responses=error_docs(401, 404, 503))
+async def delete_avatar(avatar_id: str, http: Request) -> dict:
+    """Forget a prepared avatar (memory and disk) and its uploaded video."""
+    service = get_service(http)
+    pipeline = service.require_loaded()
+    find_avatar(pipeline, avatar_id)
+    pipeline.delete_avatar(avatar_id)
+    await anyio.to_thread.run_sync(service.collect_avatar_videos)
+    return {"avatar_id": avatar_id, "deleted": True}

@@ -1,0 +1,100 @@
+"""What the route modules share: OpenAPI error and body documentation, the `Service`, and waiting
+for a job the request itself waits on."""
+
+from __future__ import annotations
+
+import anyio
+import pydantic
+from fastapi import Request
+
+from musetalk_service.api.jobs import Job, ShuttingDown
+from musetalk_service.api.schemas import ErrorResponse
+from musetalk_service.api.service import Service
+
+
+def error_docs(*statuses: int) -> dict:
+    """OpenAPI `responses` for these error statuses: the `ErrorResponse` model and what each means."""
+    described = {
+        400: "A missing input file, an unusable output path, a bad option value or a malformed body.",
+        401: "A missing or wrong X-API-Key header (when `api_key` is set).",
+        403: "A path outside the configured input or output roots.",
+        404: "No such job or avatar (or it was forgotten).",
+        409: "The job has no output (yet).",
+        413: "An upload over `limits.max_upload_bytes`.",
+        422: "Media the pipeline can't use, or beyond a limit: not a video, no video stream, bad audio, no face, "
+        "too long, too large, too many frames.",
+        429: "The queue is full; the Retry-After header says when to try again.",
+        499: "The job was cancelled (`DELETE /jobs/{job_id}`).",
+        503: "Not ready: the models are loading or failed to load, or shutting down (a waited-for job stopped "
+        "by shutdown too): retry on another instance.",
+        504: "The job ran past `jobs.time_limit_s`.",
+        507: "No space left on the output or work disk.",
+        500: "A fault of the service itself.",
+    }
+    return {s: {"model": ErrorResponse, "description": described[s]} for s in statuses}
+
+
+def body_doc(model: type[pydantic.BaseModel], files: str) -> dict:
+    """OpenAPI: the body is JSON, or multipart with files (the routes read it themselves)."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "description": f"Upload {files} as file parts; any other field of {model.__name__} "
+                        "as a form field of the same name (JSON values such as `face_box=[1,2,3,4]` are parsed), "
+                        "or all of them at once as JSON in field `options`.",
+                    }
+                },
+            },
+        }
+    }
+
+
+SUBMIT_ERRORS = error_docs(400, 401, 403, 404, 413, 422, 429, 503, 500)
+
+
+def get_service(http: Request) -> Service:
+    """The app's `Service` (built by `create_app`)."""
+    return http.app.state.service
+
+
+def raise_failure(job: Job) -> None:
+    """A waited-for job's error; one stopped by shutdown is 503 (retry on another instance)."""
+    if job.error is None:
+        return
+    if job.cancel_reason == "shutdown":
+        raise ShuttingDown(f"the service shut down before job {job.id} could finish; retry on another instance")
+    raise job.error
+
+
+async def wait_for(service: Service, job: Job, http: Request) -> None:
+    """Wait until `job` is done; if the client disconnects first, cancel it.
+
+    Polls the job's event from the event loop rather than blocking a worker thread per waiting
+    request: those threads come from anyio's shared pool (40 by default), which uploads, file
+    downloads and the probes also use.
+    """
+    gone = False
+    async with anyio.create_task_group() as group:
+
+        async def watch_client() -> None:
+            nonlocal gone
+            while True:
+                message = await http.receive()
+                if message["type"] == "http.disconnect":
+                    gone = True
+                    group.cancel_scope.cancel()
+                    return
+
+        group.start_soon(watch_client)
+        delay = 0.002
+        while not job.done.is_set():
+            await anyio.sleep(delay)
+            delay = min(delay * 1.5, 0.05)
+        group.cancel_scope.cancel()
+    if gone and not job.done.is_set():
+        service.jobs.cancel(job.id)

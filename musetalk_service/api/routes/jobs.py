@@ -1,0 +1,118 @@
+"""Jobs: submit a lip-sync (POST /jobs), follow, cancel and download it (/jobs/{job_id}...), or
+submit one and wait for it (POST /lipsync)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import FileResponse, JSONResponse
+
+from musetalk_service.api.errors import error_response
+from musetalk_service.api.jobs import Job, JobNotFound, JobStatus
+from musetalk_service.api.requests import body_from_form, checked_request, json_body
+from musetalk_service.api.routes.common import SUBMIT_ERRORS, body_doc, error_docs, get_service, raise_failure, wait_for
+from musetalk_service.api.schemas import JobAccepted, JobResponse, LipsyncBody, LipsyncResponse
+from musetalk_service.api.service import JobFiles, Service
+from musetalk_service.api.uploads import is_multipart, receive_form
+
+router = APIRouter()
+
+
+@router.post(
+    "/jobs", status_code=202, response_model=JobAccepted, responses=SUBMIT_ERRORS,
+    openapi_extra=body_doc(LipsyncBody, "`video` and/or `audio`"),
+)
+async def submit_job(http: Request) -> Response:
+    """Queue a lip-sync (same body as `POST /lipsync`); 202 at once with the job's `status_url`."""
+    service = get_service(http)
+    job = await _submit_lipsync(service, http)
+    view = job.to_dict()
+    url = f"/jobs/{job.id}"
+    try:
+        position = service.jobs.snapshot(job.id)["queue_position"]
+    except JobNotFound:  # finished and forgotten already (keep_finished_s: 0)
+        position = None
+    return JSONResponse(
+        {"job_id": job.id, "status": view["status"], "status_url": url, "queue_position": position},
+        status_code=202,
+        headers={"Location": url},
+    )
+
+
+@router.get("/jobs/{job_id}", response_model=JobResponse, responses=error_docs(401, 404))
+async def get_job(job_id: str, http: Request) -> dict:
+    """Status (queued, running, succeeded, failed, cancelled), phase, frames done of total,
+    timings so far, and the result or the error."""
+    return _job_view(get_service(http).jobs.snapshot(job_id))
+
+
+@router.delete("/jobs/{job_id}", response_model=JobResponse, responses={202: {"model": JobResponse}, **error_docs(401, 404)})
+async def cancel_job(job_id: str, http: Request) -> JSONResponse:
+    """Cancel: a queued job ends at once (200); a running one stops at its next batch, its ffmpeg
+    ended and partial files removed (202 with `cancel_requested`). A finished job is left as it is."""
+    jobs = get_service(http).jobs
+    jobs.cancel(job_id)
+    view = _job_view(jobs.snapshot(job_id))
+    return JSONResponse(view, status_code=202 if view["status"] == "running" else 200)
+
+
+@router.get(
+    "/jobs/{job_id}/output",
+    responses={200: {"content": {"video/mp4": {}}, "description": "The MP4."}, **error_docs(401, 404, 409)},
+)
+async def job_output(job_id: str, http: Request) -> Response:
+    """Download a succeeded lip-sync's MP4 (while the job is kept: `jobs.keep_finished_s`)."""
+    job = get_service(http).jobs.get(job_id)
+    if not job.done.is_set() or job.status is not JobStatus.SUCCEEDED or not hasattr(job.result, "output_path"):
+        return error_response(409, "no_output", f"job {job_id} has no output: it is {job.status.value}")
+    path = Path(job.result.output_path)
+    if not path.is_file():
+        return error_response(404, "output_gone", f"job {job_id}'s output is no longer on the server")
+    return FileResponse(path, media_type="video/mp4", filename=path.name)
+
+
+def _job_view(snapshot: dict) -> dict:
+    url = f"/jobs/{snapshot['job_id']}"
+    succeeded = snapshot["status"] == "succeeded" and snapshot["result"] and "output_path" in snapshot["result"]
+    return {**snapshot, "status_url": url, "output_url": f"{url}/output" if succeeded else None}
+
+
+@router.post(
+    "/lipsync", response_model=LipsyncResponse, responses={**SUBMIT_ERRORS, **error_docs(499, 504, 507)},
+    openapi_extra=body_doc(LipsyncBody, "`video` and/or `audio`"),
+)
+async def lipsync(http: Request) -> Any:
+    """Lip-sync a video (or a prepared avatar) to a speech track and wait for it: a job like
+    `POST /jobs`, waited for here. If the client goes away first, the job is cancelled."""
+    service = get_service(http)
+    job = await _submit_lipsync(service, http)
+    await wait_for(service, job, http)
+    raise_failure(job)
+    return {**job.result.to_dict(), "job_id": job.id}
+
+
+async def _submit_lipsync(service: Service, http: Request) -> Job:
+    service.require_loaded()
+    settings = service.settings
+    files = JobFiles()
+    try:
+        if is_multipart(http):
+            files.upload_dir = service.upload_folder()
+            form = await receive_form(
+                http, files.upload_dir, max_bytes=settings.limits.max_upload_bytes, file_fields=("video", "audio")
+            )
+            body, uploaded = body_from_form(form, LipsyncBody, {"video": "video_path", "audio": "audio_path"})
+        else:
+            body, uploaded = await json_body(http, LipsyncBody), frozenset()
+        request = await anyio.to_thread.run_sync(checked_request, service, body, uploaded)
+        if body.output_path is None:
+            files.auto_output = request.output_path
+    except BaseException:
+        if files.upload_dir is not None:
+            shutil.rmtree(files.upload_dir, ignore_errors=True)
+        raise
+    return service.submit(request, files)
