@@ -94,7 +94,7 @@ def _run(args: argparse.Namespace) -> int:
     if settings is None:
         return EXIT_CANNOT_START
     from musetalk_service.api.errors import describe_validation_errors
-    from musetalk_service.api.routes import prepare_request
+    from musetalk_service.api.requests import prepare_request
     from musetalk_service.api.schemas import LipsyncBody
     from musetalk_service.pipeline.runner import LipsyncPipeline
 
@@ -197,7 +197,7 @@ def _demo(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if settings is None:
         return EXIT_CANNOT_START
-    from musetalk_service.api.routes import prepare_request
+    from musetalk_service.api.requests import prepare_request
     from musetalk_service.api.schemas import LipsyncBody
     from musetalk_service.media.ffmpeg import find_ffmpeg
     from musetalk_service.pipeline.runner import LipsyncPipeline

@@ -4,11 +4,7 @@ Every lip-sync or avatar preparation is a job on the one GPU queue (`api/jobs.py
 turned into a checked request before it is queued (`api/requests.py`).
 """
 
-from musetalk_service.api.requests import prepare_request
 from musetalk_service.api.routes import avatars, jobs, probes
 
 ROUTERS = (probes.router, jobs.router, avatars.router)
 """Every route of the service, in the order of the OpenAPI document; `create_app` includes each."""
-
-# `prepare_request` is also read from here by the CLI (`musetalk-service run` and `demo`).
-__all__ = ["ROUTERS", "prepare_request"]
