@@ -176,20 +176,21 @@ def nms(boxes: np.ndarray, iou_threshold: float) -> np.ndarray:
     """Greedy NMS over [k,5] (x1,y1,x2,y2,score); indices kept, highest score first.
 
     Areas and overlaps count "+1" pixels, as the reference does: a box overlapping a kept box by
-    IoU > `iou_threshold` is dropped.
+    IoU > `iou_threshold` is dropped. The IoU of every pair is computed at once (k is capped at
+    `_MAX_NMS_INPUT` by `decode_detections`), so the greedy pass is one cheap step per box.
     """
     x1, y1, x2, y2, scores = boxes.T
     areas = (x2 - x1 + 1) * (y2 - y1 + 1)
-    order = np.argsort(-scores, kind="stable")
+    inter_w = np.maximum(0.0, np.minimum(x2[:, None], x2) - np.maximum(x1[:, None], x1) + 1)
+    inter_h = np.maximum(0.0, np.minimum(y2[:, None], y2) - np.maximum(y1[:, None], y1) + 1)
+    inter = inter_w * inter_h
+    overlapping = inter / (areas[:, None] + areas - inter) > iou_threshold
+    suppressed = np.zeros(len(boxes), dtype=bool)
     keep = []
-    while order.size:
-        best, rest = order[0], order[1:]
-        keep.append(best)
-        inter_w = np.maximum(0.0, np.minimum(x2[best], x2[rest]) - np.maximum(x1[best], x1[rest]) + 1)
-        inter_h = np.maximum(0.0, np.minimum(y2[best], y2[rest]) - np.maximum(y1[best], y1[rest]) + 1)
-        inter = inter_w * inter_h
-        iou = inter / (areas[best] + areas[rest] - inter)
-        order = rest[iou <= iou_threshold]
+    for best in np.argsort(-scores, kind="stable"):
+        if not suppressed[best]:
+            keep.append(best)
+            suppressed |= overlapping[best]
     return np.asarray(keep, dtype=np.int64)
 
 
@@ -209,33 +210,42 @@ def decode_detections(
     The reference runs NMS over every candidate above `candidate_threshold` and then keeps scores
     above `score_threshold`. Greedy NMS never lets a lower score suppress a higher one, so running
     it only over scores above the larger of the two thresholds gives the same boxes, with a handful
-    of candidates instead of thousands. For the same reason only the 256 best candidates of an
-    image enter NMS: the boxes kept among them are exactly the reference's.
+    of candidates instead of thousands. For the same reason only the `_MAX_NMS_INPUT` best
+    candidates of an image enter NMS, chosen on the device, so only those are decoded and copied
+    to the host whatever the number above the threshold.
     """
     threshold = max(score_threshold, candidate_threshold)
     batch = outputs[0][0].shape[0]
-    found = []
+    # Every anchor of every level, flattened per image: probability, level, y, x.
+    probs, offsets, anchors = [], [], []
     for level, (conf, loc) in enumerate(outputs):
         stride = 2 ** (level + 2)
-        anchor = _ANCHOR_PER_STRIDE * stride
+        height, width = conf.shape[-2:]
         # fp32: in fp16 a 4K frame's coordinates would be rounded to 2-4 px.
-        prob = torch.softmax(conf.float(), dim=1)[:, 1]
-        b, y, x = torch.nonzero(prob > threshold, as_tuple=True)
-        offsets = loc.float()[b, :, y, x]
-        cx = stride / 2 + x * stride + offsets[:, 0] * _VARIANCES[0] * anchor
-        cy = stride / 2 + y * stride + offsets[:, 1] * _VARIANCES[0] * anchor
-        w = anchor * torch.exp(offsets[:, 2] * _VARIANCES[1])
-        h = anchor * torch.exp(offsets[:, 3] * _VARIANCES[1])
-        sx, sy = scale_xy
-        corners = [(cx - w / 2) / sx, (cy - h / 2) / sy, (cx + w / 2) / sx, (cy + h / 2) / sy]
-        found.append((b, torch.stack([*corners, prob[b, y, x]], dim=1)))
-    image = torch.cat([b for b, _ in found]).cpu().numpy()
-    boxes = torch.cat([bx for _, bx in found]).cpu().numpy()
+        probs.append(torch.softmax(conf.float(), dim=1)[:, 1].reshape(batch, -1))
+        offsets.append(loc.float().reshape(batch, 4, -1))
+        y, x = torch.meshgrid(
+            torch.arange(height, device=conf.device), torch.arange(width, device=conf.device), indexing="ij"
+        )
+        centres = torch.stack([x.reshape(-1), y.reshape(-1)], dim=1).float() * stride + stride / 2
+        anchors.append(torch.cat([centres, torch.full_like(centres[:, :1], _ANCHOR_PER_STRIDE * stride)], dim=1))
+    prob = torch.cat(probs, dim=1)
+    loc = torch.cat(offsets, dim=2)
+    anchor = torch.cat(anchors)
+    k = min(_MAX_NMS_INPUT, prob.shape[1])
+    best, index = prob.topk(k, dim=1)
+    picked = loc.gather(2, index[:, None, :].expand(-1, 4, -1))  # [b, 4, k]
+    centre, side = anchor[index, :2], anchor[index, 2]
+    cx = centre[..., 0] + picked[:, 0] * _VARIANCES[0] * side
+    cy = centre[..., 1] + picked[:, 1] * _VARIANCES[0] * side
+    w = side * torch.exp(picked[:, 2] * _VARIANCES[1])
+    h = side * torch.exp(picked[:, 3] * _VARIANCES[1])
+    sx, sy = scale_xy
+    corners = [(cx - w / 2) / sx, (cy - h / 2) / sy, (cx + w / 2) / sx, (cy + h / 2) / sy]
+    boxes = torch.stack([*corners, best], dim=2).cpu().numpy()  # [b, k, 5]
     results = []
-    for i in range(batch):
-        mine = boxes[image == i]
-        if len(mine) > _MAX_NMS_INPUT:
-            mine = mine[np.argpartition(-mine[:, 4], _MAX_NMS_INPUT)[:_MAX_NMS_INPUT]]
+    for mine in boxes:
+        mine = mine[mine[:, 4] > threshold]
         results.append(mine[nms(mine, nms_iou)].astype(np.float32))
     return results
 
