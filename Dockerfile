@@ -1,18 +1,22 @@
 # musetalk-service on a CUDA host. Weights are not baked in: mount them at /app/models
 # (fill the folder with `musetalk-service weights download --dir models` once).
 #   docker build -t musetalk-service .
-#   docker run --gpus all -p 8000:8000 -v $PWD/models:/app/models musetalk-service
+#   docker run --gpus all -p 8000:8000 -v $PWD/models:/app/models \
+#     -v musetalk-compile:/root/.cache/musetalk-service musetalk-service
+# The second volume keeps torch.compile's kernels: the first start compiles for about 2 minutes,
+# later ones load them in seconds.
 FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /app
 
+# gcc + python3-dev: Triton (torch.compile on CUDA) builds a small C launcher at first compile.
 # torch first and pinned (the PyPI Linux wheel is the CUDA build); ffmpeg comes with imageio-ffmpeg.
 RUN pip install torch==2.13.0
 COPY pyproject.toml README.md ./

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -53,7 +54,7 @@ class FixedBatch(nn.Module):
         compile_mode: str | None = None,
         *,
         pad: bool | None = None,
-        backend: str = "inductor",
+        backend: str | Callable = "inductor",
     ):
         super().__init__()
         if batch_size < 1:
@@ -89,10 +90,21 @@ class FixedBatch(nn.Module):
 
     def warmup(self, *example_rows: torch.Tensor) -> float:
         """One batch made from one example row per input: a full batch when padding (that call
-        compiles, when compiling), else one row. Returns the seconds taken."""
+        compiles, when compiling), else one row. Returns the seconds taken.
+
+        A compilation that fails (no C compiler for Triton's launcher, an unsupported GPU) is
+        logged and the network runs eagerly: slower, but the service starts.
+        """
         started = time.perf_counter()
-        rows = self.batch_size if self.pad else 1
-        self(*(_pad_rows(t[:1], rows) for t in example_rows))
+        try:
+            self(*(_pad_rows(t[:1], self.batch_size if self.pad else 1) for t in example_rows))
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back to eager
+            if self.compile_mode is None:
+                raise
+            logger.error("torch.compile of %s failed, running it eagerly: %s", type(self.module).__name__, exc)
+            object.__setattr__(self, "_run", self.module)
+            self.compile_mode, self.pad = None, False
+            self(*(t[:1] for t in example_rows))
         if example_rows[0].is_cuda:
             torch.cuda.synchronize(example_rows[0].device)
         elapsed = time.perf_counter() - started

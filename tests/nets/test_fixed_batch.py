@@ -84,3 +84,20 @@ def test_compile_cache_dir_is_created_and_an_operator_setting_wins(tmp_path, mon
     assert use_compile_cache(tmp_path / "a") == tmp_path / "a" and (tmp_path / "a").is_dir()
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     assert use_compile_cache(tmp_path / "b") == tmp_path / "mine"
+
+
+def test_a_failing_compiler_falls_back_to_eager_at_warmup(caplog):
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no C compiler here")
+
+    torch._dynamo.reset()
+    module = _Affine()
+    runner = FixedBatch(module, 8, "default", backend=broken_backend)
+    runner.warmup(*_inputs(1))
+    assert runner.compile_mode is None and "no C compiler here" in caplog.text
+    x, y = _inputs(5)
+    module.seen.clear()
+    with torch.inference_mode():
+        torch.testing.assert_close(runner(x, y), module.linear(x) * y)
+    assert module.seen == [5]  # eager: no padding any more
+    torch._dynamo.reset()
