@@ -92,10 +92,6 @@ class ModelBundle:
             vae = _ready(load_vae(models_dir), device, dtype)
             pe = _ready(PositionalEncoding(d_model=whisper.config.d_model), device, dtype)
             landmarker = _ready(fan.load(_stored("landmarker", models_dir)), device, dtype)
-            if device.type == "cuda":
-                # Detector and parser stay eager and see one input size per video: let cuDNN
-                # pick the fastest convolution for it.
-                torch.backends.cudnn.benchmark = True
             bundle = cls(
                 vae=vae,
                 unet=unet,
