@@ -252,14 +252,12 @@ class LipsyncPipeline:
         """Boxes, latents and masks of the next source frames, when nothing is generated from them."""
         with timer.phase("face_detect", gpu=True):
             located = builder.locate(frames)
-        if located.crops is not None:
-            with timer.phase("vae_encode", gpu=True):
-                builder.encode(located)
+        with timer.phase("vae_encode", gpu=True):
+            builder.encode(located)
+        if located.rows:
             with timer.phase("blend", gpu=True):
                 rows = located.rows
                 blender.prepare_masks([frames[k] for k in rows], [located.boxes[k] for k in rows], [located.first + k for k in rows])
-        else:
-            builder.encode(located)
 
     def _video_encoder(self, path: Path, video: VideoInfo, fps: Fraction, pix_fmt: str, work_dir: Path):
         """One ffmpeg, or several on consecutive segments where one libx264 can't keep up."""
