@@ -79,6 +79,28 @@ def test_compiled_generator_traces_whole_and_matches_eager(tiny_bundle):
     torch._dynamo.reset()
 
 
+def test_a_warmed_runner_never_compiles_again_whatever_the_input_layout():
+    """A request's inputs are views (a permuted HWC upload, a flipped channel order); the warm-up
+    input is contiguous. The graph compiled at warm-up must serve them all."""
+    compiled_for: list[list[tuple[int, ...]]] = []
+
+    def counting_backend(graph, example_inputs):
+        compiled_for.append([tuple(t.stride()) for t in example_inputs if isinstance(t, torch.Tensor)])
+        return graph.forward
+
+    torch._dynamo.reset()
+    conv = nn.Conv2d(3, 4, 3)
+    runner = FixedBatch(conv, 4, "default", backend=counting_backend)
+    runner.warmup(torch.zeros(1, 3, 8, 8))
+    assert len(compiled_for) == 1
+    channels_last = torch.randn(6, 8, 8, 3).permute(0, 3, 1, 2)
+    for batch in (channels_last, channels_last.flip(1), channels_last[:, :, ::2, ::2].repeat(1, 1, 2, 2)):
+        with torch.inference_mode():
+            torch.testing.assert_close(runner(batch), conv(batch))
+    assert len(compiled_for) == 1, compiled_for
+    torch._dynamo.reset()
+
+
 def test_compile_cache_dir_is_created_and_an_operator_setting_wins(tmp_path, monkeypatch):
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     assert use_compile_cache(tmp_path / "a") == tmp_path / "a" and (tmp_path / "a").is_dir()
