@@ -13,7 +13,8 @@ from musetalk_service.pipeline.runner import load_models
 from musetalk_service.settings import load_settings
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-settings = load_settings(models_dir=Path(sys.argv[1]))
+# The bench times S3FD + FAN, so they are loaded whatever face.detector the environment sets.
+settings = load_settings(models_dir=Path(sys.argv[1]), face={"detector": "s3fd"})
 models = load_models(settings)
 report = run_face_bench(models, settings, seconds=float(sys.argv[2]), size=(1920, 1080), fps=25)
 print(json.dumps(report, indent=2))

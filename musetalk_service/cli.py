@@ -23,6 +23,7 @@ from musetalk_service.errors import ServiceError, WeightsError
 from musetalk_service.settings import LipsyncDefaults, Settings, load_settings
 
 if TYPE_CHECKING:
+    from musetalk_service.nets.layout import FaceDetector
     from musetalk_service.pipeline.request import LipsyncRequest
     from musetalk_service.pipeline.runner import LipsyncPipeline
 
@@ -57,7 +58,7 @@ def _serve(args: argparse.Namespace) -> int:
     # then load in the background, so /health answers at once and /ready turns 200 when loaded;
     # a load failure (a malformed file) stops the server with the same exit code.
     try:
-        _require_files(settings.models_dir)
+        _require_files(settings.models_dir, settings.face.detector)
     except WeightsError as e:
         _error(f"cannot start: {e.message}")
         return EXIT_CANNOT_START
@@ -165,10 +166,20 @@ def _weights_random(args: argparse.Namespace) -> int:
 
 def _weights_download(args: argparse.Namespace) -> int:
     _configure_logging("INFO")
+    detector = _configured_detector(args)
+    if detector is None:
+        return EXIT_CANNOT_START
     from musetalk_service.nets.download import download_weights
+    from musetalk_service.nets.layout import WEIGHT_FILES, needed_files
 
+    files = needed_files(detector)
+    # With haar, S3FD and FAN are skipped: they are never loaded, and they are the files a machine
+    # without access to their hosts cannot fetch.
+    skipped = [f.relpath for f in WEIGHT_FILES if f not in files]
+    if skipped:
+        print(f"face.detector is {detector}: not downloading {', '.join(skipped)} (only face.detector: s3fd loads them)")
     try:
-        download_weights(args.dir)
+        download_weights(args.dir, files)
     # huggingface_hub's and urllib's network errors are all OSErrors.
     except (ServiceError, OSError) as e:
         _error(f"download failed: {e}")
@@ -179,10 +190,13 @@ def _weights_download(args: argparse.Namespace) -> int:
 
 def _weights_check(args: argparse.Namespace) -> int:
     _configure_logging("WARNING")
+    detector = _configured_detector(args)
+    if detector is None:
+        return EXIT_CANNOT_START
     from musetalk_service.nets.check import check_weights
     from musetalk_service.nets.layout import DOWNLOAD_COMMAND
 
-    report = check_weights(args.dir)
+    report = check_weights(args.dir, detector)
     print(report.summary())
     if report.ok:
         return 0
@@ -239,7 +253,9 @@ def _bench(args: argparse.Namespace) -> int:
     size = tuple(args.size)
     try:
         if args.faces:
-            models = load_models(settings)
+            # The face bench times S3FD + FAN whatever face.detector says (its stability part runs Haar itself).
+            s3fd = settings.face.model_copy(update={"detector": "s3fd"})
+            models = load_models(settings.model_copy(update={"face": s3fd}))
             report = run_face_bench(models, settings, seconds=args.seconds, size=size, fps=args.fps)
             print(json.dumps(report, indent=2))
         else:
@@ -302,6 +318,16 @@ def _settings(args: argparse.Namespace, **overrides) -> Settings | None:
     return settings
 
 
+def _configured_detector(args: argparse.Namespace) -> FaceDetector | None:
+    """`face.detector` of the settings (`--config`, MUSETALK_* env): the weights commands need S3FD
+    and FAN only for "s3fd". None, after saying why, if the settings are invalid."""
+    try:
+        return load_settings(args.config).face.detector
+    except (pydantic.ValidationError, FileNotFoundError) as e:
+        _error(f"bad settings: {e}")
+        return None
+
+
 def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -355,11 +381,16 @@ def _parser() -> argparse.ArgumentParser:
     for name, handler, help in (
         ("random", _weights_random, "Write random weights in the official formats (tests, benchmarks)."),
         ("download", _weights_download, "Download the official weights from the Hugging Face hub."),
-        ("check", _weights_check, "Say which files are present, missing or malformed; exit 1 unless all are usable."),
+        ("check", _weights_check, "Say which files are present, missing or malformed; exit 1 unless all that face.detector needs are usable."),
     ):
         sub = weight_commands.add_parser(name, help=help, description=help)
         sub.set_defaults(command=handler)
         sub.add_argument("--dir", type=Path, required=True, help="the weights folder")
+    for name in ("download", "check"):
+        weight_commands.choices[name].add_argument(
+            "--config", type=Path,
+            help="settings YAML (default: configs/default.yaml); with face.detector: haar, S3FD and FAN are not needed",
+        )
     weight_commands.choices["random"].add_argument(
         "--size", choices=("tiny", "full"), default="tiny", help="tiny: CPU-fast test networks; full: the official architectures"
     )

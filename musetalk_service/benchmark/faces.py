@@ -82,7 +82,8 @@ def run_face_bench(
     size: tuple[int, int] = (1920, 1080),
     fps: float | Fraction = 25,
 ) -> dict:
-    """Measure the face phase on `models` (a `ModelBundle`) with `settings.face`; see the module docstring.
+    """Measure the face phase on `models` (a `ModelBundle` loaded with S3FD and FAN, i.e. for
+    `face.detector: s3fd`) with `settings.face`; see the module docstring.
 
     `size` is (w, h). Returns a JSON-ready dict: device, weights, video, settings, throughput
     (frames/s per-frame and tracked, detector frames, speedup) and stability (Haar: still-head

@@ -6,6 +6,10 @@ missing). The bundle is read-only after `load`: requests never change it.
 The networks the pipeline calls per batch (`generator`, `latent_encoder`, `landmarker`) are
 `FixedBatch` runners: on CUDA they are compiled (`compile_mode`) at one batch size each and
 compiled during `warmup`, so no request ever waits for a compilation.
+
+With `detector="haar"` S3FD and FAN are neither required nor loaded (`face_detector` and
+`landmarker` are None): the Haar cascade ships inside OpenCV, and a machine that cannot fetch those
+two files still runs.
 """
 
 from __future__ import annotations
@@ -25,7 +29,14 @@ from musetalk_service.errors import WeightsError
 from musetalk_service.nets import bisenet, fan, s3fd
 from musetalk_service.nets.check import WeightsKind, weights_kind
 from musetalk_service.nets.fixed_batch import FixedBatch
-from musetalk_service.nets.layout import DOWNLOAD_COMMAND, RANDOM_COMMAND, WEIGHT_FILES, weight_file
+from musetalk_service.nets.layout import (
+    DOWNLOAD_COMMAND,
+    FACE_NET_KEYS,
+    RANDOM_COMMAND,
+    FaceDetector,
+    needed_files,
+    weight_file,
+)
 from musetalk_service.nets.loading import WeightsFileError
 from musetalk_service.nets.musetalk import FaceGenerator, FaceLatentEncoder
 from musetalk_service.nets.unet import PositionalEncoding, load_unet
@@ -51,9 +62,10 @@ class ModelBundle:
     whisper: WhisperEncoder
     feature_extractor: WhisperFeatureExtractor
     face_parser: bisenet.BiSeNet
-    face_detector: nn.Module
-    landmarker: FixedBatch
-    """FAN: `[n, 3, 256, 256]` crops -> `[n, 68, 64, 64]` heatmaps."""
+    face_detector: nn.Module | None
+    """S3FD; None when loaded for the Haar detector."""
+    landmarker: FixedBatch | None
+    """FAN: `[n, 3, 256, 256]` crops -> `[n, 68, 64, 64]` heatmaps; None when loaded for the Haar detector."""
     generator: FixedBatch
     """`nets.musetalk.FaceGenerator`: latents + audio tokens -> uint8 BGR faces."""
     latent_encoder: FixedBatch
@@ -72,18 +84,20 @@ class ModelBundle:
         batch_size: int = 16,
         prepare_batch: int = 16,
         compile_mode: str | None = None,
+        detector: FaceDetector = "s3fd",
     ) -> ModelBundle:
         """Load every network of `models_dir` onto `device` ("auto": CUDA when available, else CPU).
 
         `batch_size`: output frames per `generator` call; `prepare_batch`: source frames per
         `latent_encoder` and `landmarker` call; `compile_mode`: torch.compile mode for those
-        three, None for eager. Raises WeightsError naming the missing files and the command that
-        fetches them, or naming a malformed file and why it does not fit.
+        three, None for eager. `detector`: the settings' `face.detector`; "haar" leaves S3FD and
+        FAN out (their files may be absent). Raises WeightsError naming the missing files and the
+        command that fetches them, or naming a malformed file and why it does not fit.
         """
         models_dir = Path(models_dir)
         device = resolve_device(device)
         dtype = torch.float16 if device.type == "cuda" else torch.float32
-        _require_files(models_dir)
+        _require_files(models_dir, detector)
         started = time.perf_counter()
         try:
             whisper = _ready(load_whisper_encoder(models_dir), device, dtype)
@@ -91,7 +105,11 @@ class ModelBundle:
             _check_audio_dims(unet, whisper, models_dir)
             vae = _ready(load_vae(models_dir), device, dtype)
             pe = _ready(PositionalEncoding(d_model=whisper.config.d_model), device, dtype)
-            landmarker = _ready(fan.load(_stored("landmarker", models_dir)), device, dtype)
+            face_detector = landmarker = None
+            if detector == "s3fd":
+                face_detector = _ready(s3fd.load(_stored("face_detector", models_dir)), device, dtype)
+                fan_net = _ready(fan.load(_stored("landmarker", models_dir)), device, dtype)
+                landmarker = FixedBatch(fan_net, prepare_batch, compile_mode)
             bundle = cls(
                 vae=vae,
                 unet=unet,
@@ -99,13 +117,13 @@ class ModelBundle:
                 whisper=whisper,
                 feature_extractor=load_feature_extractor(models_dir),
                 face_parser=_ready(bisenet.load(_stored("face_parser", models_dir)), device, dtype),
-                face_detector=_ready(s3fd.load(_stored("face_detector", models_dir)), device, dtype),
-                landmarker=FixedBatch(landmarker, prepare_batch, compile_mode),
+                face_detector=face_detector,
+                landmarker=landmarker,
                 generator=FixedBatch(_ready(FaceGenerator(unet, vae, pe), device, dtype), batch_size, compile_mode),
                 latent_encoder=FixedBatch(FaceLatentEncoder(vae), prepare_batch, compile_mode),
                 device=device,
                 dtype=dtype,
-                weights_kind=weights_kind(models_dir),
+                weights_kind=weights_kind(models_dir, detector),
                 models_dir=models_dir,
             )
         except WeightsFileError as e:
@@ -128,7 +146,8 @@ class ModelBundle:
 
     def warmup(self) -> None:
         """One forward through each network at the pipeline's shapes (allocations, kernel
-        selection); the fixed-batch runners at their batch size, which compiles them."""
+        selection); the fixed-batch runners at their batch size, which compiles them. S3FD and
+        FAN only where loaded."""
         started = time.perf_counter()
 
         def zeros(*shape: int) -> torch.Tensor:
@@ -138,9 +157,11 @@ class ModelBundle:
             mel = zeros(1, self.whisper.config.num_mel_bins, N_MEL_FRAMES)
             self.whisper(mel, output_hidden_states=True)
             self.face_parser(zeros(1, 3, PARSER_SIZE, PARSER_SIZE))
-            self.face_detector(zeros(1, 3, FACE_SIZE, FACE_SIZE))
+            if self.face_detector is not None:
+                self.face_detector(zeros(1, 3, FACE_SIZE, FACE_SIZE))
         face = zeros(1, 3, FACE_SIZE, FACE_SIZE)
-        self.landmarker.warmup(face)
+        if self.landmarker is not None:
+            self.landmarker.warmup(face)
         self.latent_encoder.warmup(face, face)
         latents = zeros(1, self.unet.config.in_channels, LATENT_SIZE, LATENT_SIZE)
         self.generator.warmup(latents, zeros(1, self.token_count, self.audio_dim))
@@ -156,18 +177,25 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
-def _require_files(models_dir: Path) -> None:
-    missing = [f.relpath for f in WEIGHT_FILES if f.find(models_dir) is None]
+def _require_files(models_dir: Path, detector: FaceDetector) -> None:
+    """Raise WeightsError naming every file that `detector` needs and `models_dir` lacks."""
+    missing = [f for f in needed_files(detector) if f.find(models_dir) is None]
     if missing:
+        # S3FD and FAN are the files a machine without hub access cannot fetch: point at the way out.
+        haar_hint = (
+            " S3FD and 2DFAN4 are needed only with face.detector: s3fd (haar needs neither)."
+            if any(f.key in FACE_NET_KEYS for f in missing)
+            else ""
+        )
         raise WeightsError(
-            f"weights missing in {models_dir}: {', '.join(missing)}. "
+            f"weights missing in {models_dir}: {', '.join(f.relpath for f in missing)}. "
             f"Fetch them with `{DOWNLOAD_COMMAND.format(dir=models_dir)}` "
-            f"(or, for tests, `{RANDOM_COMMAND.format(dir=models_dir)}`)."
+            f"(or, for tests, `{RANDOM_COMMAND.format(dir=models_dir)}`).{haar_hint}"
         )
 
 
 def _stored(key: str, models_dir: Path) -> Path:
-    # _require_files ran first, so every layout file is found.
+    # _require_files ran first, so every layout file the detector needs is found.
     return weight_file(key).find(models_dir)
 
 

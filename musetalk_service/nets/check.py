@@ -3,6 +3,8 @@
 "Malformed" means the file cannot be read, or its tensors do not fit the architecture that its
 config (or, for the face networks, its own shapes) describes. Checking runs the real loaders, one
 network at a time, so a folder that checks clean is one that `ModelBundle.load` accepts.
+`check_weights` and `weights_kind` take the settings' `face.detector`: with "haar", S3FD and FAN
+are never loaded, so they are neither checked nor counted.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from musetalk_service.nets import bisenet, fan, s3fd
-from musetalk_service.nets.layout import PROVENANCE_FILE, WEIGHT_FILES, weight_file
+from musetalk_service.nets.layout import PROVENANCE_FILE, WEIGHT_FILES, FaceDetector, needed_files, weight_file
 from musetalk_service.nets.loading import WeightsFileError
 from musetalk_service.nets.unet import load_unet
 from musetalk_service.nets.vae import load_vae
@@ -55,11 +57,14 @@ class FileReport:
 
 @dataclass(frozen=True)
 class WeightsReport:
-    """The state of a weights folder, one `FileReport` per layout file, plus the weights kind."""
+    """The state of a weights folder, one `FileReport` per layout file the detector needs, plus the
+    weights kind."""
 
     models_dir: Path
     kind: WeightsKind
     files: tuple[FileReport, ...]
+    not_needed: tuple[str, ...] = ()
+    """Layout files (relpaths) the checked detector never loads (S3FD and FAN for haar): not checked."""
 
     @property
     def ok(self) -> bool:
@@ -83,20 +88,24 @@ class WeightsReport:
         for f in self.files:
             shown = f.path.relative_to(self.models_dir).as_posix() if f.path else f.relpath
             lines.append(f"  {f.status:<9} {shown}" + (f"  ({f.reason})" if f.reason else ""))
+        if self.not_needed:
+            lines.append(f"  not checked, only face.detector: s3fd loads them: {', '.join(self.not_needed)}")
         return "\n".join(lines)
 
 
-def check_weights(models_dir: str | Path) -> WeightsReport:
-    """Report every layout file of `models_dir` as present, missing or malformed (with the reason).
+def check_weights(models_dir: str | Path, detector: FaceDetector = "s3fd") -> WeightsReport:
+    """Report every layout file that `detector` needs as present, missing or malformed (with the reason).
 
     Each network whose files are all present is loaded on CPU with the service's own loaders; a
     failure marks the file it names as malformed. Nothing is raised for a bad folder.
     """
     models_dir = Path(models_dir)
-    found: dict[str, Path | None] = {f.key: f.find(models_dir) for f in WEIGHT_FILES}
+    needed = needed_files(detector)
+    found: dict[str, Path | None] = {f.key: f.find(models_dir) for f in needed}
     problems: dict[str, str] = {}
     for keys, load in _NETWORKS:
-        if any(found[k] is None for k in keys):
+        # Networks with a file missing, or one the detector does not need (not in `found`), are not loaded.
+        if any(found.get(k) is None for k in keys):
             continue
         try:
             load(models_dir)
@@ -104,7 +113,7 @@ def check_weights(models_dir: str | Path) -> WeightsReport:
             problems[_blamed(e.path, keys, found)] = e.reason
             logger.warning("malformed weights: %s", e)
     reports = []
-    for entry in WEIGHT_FILES:
+    for entry in needed:
         path = found[entry.key]
         if path is None:
             reports.append(FileReport(entry.relpath, "missing"))
@@ -112,7 +121,8 @@ def check_weights(models_dir: str | Path) -> WeightsReport:
             reports.append(FileReport(entry.relpath, "malformed", path, problems[entry.key]))
         else:
             reports.append(FileReport(entry.relpath, "present", path))
-    return WeightsReport(models_dir, weights_kind(models_dir), tuple(reports))
+    not_needed = tuple(f.relpath for f in WEIGHT_FILES if f not in needed)
+    return WeightsReport(models_dir, weights_kind(models_dir, detector), tuple(reports), not_needed)
 
 
 def _blamed(path: Path, keys: tuple[str, ...], found: dict[str, Path | None]) -> str:
@@ -123,16 +133,19 @@ def _blamed(path: Path, keys: tuple[str, ...], found: dict[str, Path | None]) ->
     return keys[-1]
 
 
-def weights_kind(models_dir: str | Path) -> WeightsKind:
+def weights_kind(models_dir: str | Path, detector: FaceDetector = "s3fd") -> WeightsKind:
     """"random" if PROVENANCE.json says so; "official" if it says official and every recorded file
-    still has its recorded size; "custom" otherwise (no or unreadable provenance, files changed)."""
+    that `detector` needs still has its recorded size; "custom" otherwise (no or unreadable
+    provenance, files changed). With "haar", recorded S3FD and FAN files may be gone or changed:
+    they are never loaded."""
     provenance = _read_provenance(Path(models_dir) / PROVENANCE_FILE)
     kind = provenance.get("kind")
     if kind == "random":
         return "random"
     files = provenance.get("files")
     if kind == "official" and isinstance(files, dict) and files:
-        if all(_same_size(Path(models_dir) / rel, meta) for rel, meta in files.items()):
+        unused = {f.relpath for f in WEIGHT_FILES if f not in needed_files(detector)}
+        if all(_same_size(Path(models_dir) / rel, meta) for rel, meta in files.items() if rel not in unused):
             return "official"
         logger.info("%s: files differ from the official download, weights are custom", models_dir)
     return "custom"

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Literal
 
 PROVENANCE_FILE = "PROVENANCE.json"
 
 DOWNLOAD_COMMAND = "musetalk-service weights download --dir {dir}"
 RANDOM_COMMAND = "musetalk-service weights random --dir {dir}"
+
+FaceDetector = Literal["s3fd", "haar"]
+"""`face.detector` in the settings. The Haar cascade ships inside OpenCV, so `haar` needs no weights
+file of its own and none of the S3FD + FAN ones (`FACE_NET_KEYS`)."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,17 @@ WEIGHT_FILES: tuple[WeightFile, ...] = (
 )
 
 FILES_BY_KEY: dict[str, WeightFile] = {f.key: f for f in WEIGHT_FILES}
+
+FACE_NET_KEYS = ("face_detector", "landmarker")
+"""S3FD and 2DFAN4: only `face.detector: s3fd` loads them. They are also the two files that are
+hardest to fetch (2DFAN4 only from its author's site), which is why the Haar mode exists."""
+
+
+def needed_files(detector: FaceDetector) -> tuple[WeightFile, ...]:
+    """The layout files the service loads with `detector`: every one for s3fd, all but S3FD and FAN for haar."""
+    if detector == "s3fd":
+        return WEIGHT_FILES
+    return tuple(f for f in WEIGHT_FILES if f.key not in FACE_NET_KEYS)
 
 
 def weight_file(key: str) -> WeightFile:

@@ -24,7 +24,7 @@ import torch
 
 from musetalk_service.nets.bundle import ModelBundle
 from musetalk_service.nets.check import check_weights, weights_kind
-from musetalk_service.nets.layout import PROVENANCE_FILE, WEIGHT_FILES
+from musetalk_service.nets.layout import FACE_NET_KEYS, PROVENANCE_FILE, WEIGHT_FILES
 from musetalk_service.nets.loading import load_state_dict
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -115,18 +115,24 @@ class FakeHub:
             server.server_close()
 
 
+def _blobs(models_dir: Path, keys: set[str]) -> dict[tuple[str, str] | str, bytes]:
+    """The files of `keys` from `models_dir`, under their official repos and names."""
+    blobs: dict[tuple[str, str] | str, bytes] = {}
+    for entry in WEIGHT_FILES:
+        if entry.key in keys:
+            content = entry.path(models_dir).read_bytes()
+            blobs[(entry.repo_id, entry.filename) if entry.repo_id else LANDMARKER_PATH] = content
+    return blobs
+
+
 @pytest.fixture
 def fake_hub(tiny_models_dir: Path) -> Iterator[FakeHub]:
     """A hub serving the tiny random files under their official repos and names."""
-    blobs: dict[tuple[str, str] | str, bytes] = {}
-    for entry in WEIGHT_FILES:
-        content = entry.path(tiny_models_dir).read_bytes()
-        blobs[(entry.repo_id, entry.filename) if entry.repo_id else LANDMARKER_PATH] = content
-    with FakeHub(blobs) as hub:
+    with FakeHub(_blobs(tiny_models_dir, {f.key for f in WEIGHT_FILES})) as hub:
         yield hub
 
 
-def _download(hub: FakeHub, models_dir: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+def _hub_env(hub: FakeHub, tmp_path: Path) -> dict[str, str]:
     env = {
         **os.environ,
         "HF_ENDPOINT": hub.endpoint,
@@ -135,9 +141,13 @@ def _download(hub: FakeHub, models_dir: Path, tmp_path: Path) -> subprocess.Comp
         "HF_HUB_DISABLE_XET": "1",  # the fake hub speaks plain HTTP only
     }
     env.pop("HF_HUB_OFFLINE", None)
+    return env
+
+
+def _download(hub: FakeHub, models_dir: Path, tmp_path: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", DOWNLOAD_SCRIPT, str(models_dir), hub.endpoint + LANDMARKER_PATH],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=_hub_env(hub, tmp_path), capture_output=True, text=True, timeout=300,
     )
 
 
@@ -192,3 +202,26 @@ def test_failed_download_names_the_file_and_leaves_no_provenance(tmp_path):
     assert "musetalk.json" in result.stderr  # the hub error names the file
     # Half-replaced files must not keep passing for the random set they were.
     assert weights_kind(models_dir) == "custom"
+
+
+def test_cli_download_in_haar_mode_skips_s3fd_and_fan(tiny_models_dir, tmp_path):
+    # A hub without S3FD, and 2DFAN4's own URL never asked: the machine the Haar mode is for.
+    models_dir = tmp_path / "models"
+    hub_keys = {f.key for f in WEIGHT_FILES} - set(FACE_NET_KEYS)
+    with FakeHub(_blobs(tiny_models_dir, hub_keys)) as hub:
+        result = subprocess.run(
+            [sys.executable, "-m", "musetalk_service", "weights", "download", "--dir", str(models_dir)],
+            env={**_hub_env(hub, tmp_path), "MUSETALK_FACE__DETECTOR": "haar"},
+            capture_output=True, text=True, timeout=300,
+        )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "not downloading face-detection/s3fd.pth, face-detection/2DFAN4.pth" in result.stdout
+    assert not any("s3fd" in path or "2DFAN" in path for _, path in hub.requests)
+
+    face_net_files = {f.relpath for f in WEIGHT_FILES if f.key in FACE_NET_KEYS}
+    assert not any((models_dir / relpath).exists() for relpath in face_net_files)
+    recorded = json.loads((models_dir / PROVENANCE_FILE).read_text())["files"]
+    assert set(recorded) == {f.relpath for f in WEIGHT_FILES} - face_net_files
+    assert check_weights(models_dir, "haar").ok
+    bundle = ModelBundle.load(models_dir, "cpu", detector="haar")
+    assert bundle.weights_kind == "official" and bundle.face_detector is None

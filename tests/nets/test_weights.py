@@ -1,4 +1,5 @@
-"""Random weights -> check -> load, malformed and missing files, and the weights kind."""
+"""Random weights -> check -> load, malformed and missing files, the weights kind, and the Haar mode
+without the S3FD and FAN files."""
 
 from __future__ import annotations
 
@@ -13,16 +14,27 @@ from safetensors.torch import save_file
 from musetalk_service.errors import WeightsError
 from musetalk_service.nets.bundle import ModelBundle
 from musetalk_service.nets.check import check_weights, weights_kind
-from musetalk_service.nets.layout import PROVENANCE_FILE, WEIGHT_FILES, weight_file
+from musetalk_service.nets.layout import FACE_NET_KEYS, PROVENANCE_FILE, WEIGHT_FILES, weight_file
 from musetalk_service.nets.loading import load_state_dict
 from musetalk_service.nets.random_weights import write_random_weights
 from musetalk_service.nets.unet import build_unet
+
+
+FACE_NET_FILES = ("face-detection/s3fd.pth", "face-detection/2DFAN4.pth")
 
 
 @pytest.fixture
 def models_copy(tiny_models_dir: Path, tmp_path: Path) -> Path:
     """A private copy of the tiny weights, free to damage."""
     return Path(shutil.copytree(tiny_models_dir, tmp_path / "models"))
+
+
+@pytest.fixture
+def models_without_face_nets(models_copy: Path) -> Path:
+    """The tiny weights without S3FD and 2DFAN4: what a machine that cannot fetch those two holds."""
+    for key in FACE_NET_KEYS:
+        weight_file(key).path(models_copy).unlink()
+    return models_copy
 
 
 def test_random_weights_fill_the_whole_layout_and_check_clean(tiny_models_dir):
@@ -190,3 +202,54 @@ def test_weights_kind_transitions(models_copy):
     assert weights_kind(models_copy) == "custom"
     provenance.write_text("{broken")
     assert weights_kind(models_copy) == "custom"
+
+
+def test_s3fd_mode_without_the_face_nets_names_them(models_without_face_nets):
+    with pytest.raises(WeightsError) as info:
+        ModelBundle.load(models_without_face_nets, "cpu")
+    message = str(info.value)
+    assert all(relpath in message for relpath in FACE_NET_FILES), message
+    assert f"musetalk-service weights download --dir {models_without_face_nets}" in message
+    assert "needed only with face.detector: s3fd" in message  # the way out for a machine without them
+    report = check_weights(models_without_face_nets)
+    assert not report.ok and [f.relpath for f in report.missing] == list(FACE_NET_FILES)
+
+
+def test_haar_mode_loads_and_warms_up_without_the_face_nets(models_without_face_nets):
+    bundle = ModelBundle.load(models_without_face_nets, "cpu", detector="haar")
+
+    assert bundle.face_detector is None and bundle.landmarker is None
+    assert bundle.weights_kind == "random"
+    bundle.warmup()
+    report = check_weights(models_without_face_nets, "haar")
+    assert report.ok, report.summary()
+    assert [f.relpath for f in report.files] == [f.relpath for f in WEIGHT_FILES if f.relpath not in FACE_NET_FILES]
+    assert report.not_needed == FACE_NET_FILES
+    assert "not checked" in report.summary() and FACE_NET_FILES[1] in report.summary()
+
+
+def test_haar_mode_never_reads_the_face_net_files(models_copy):
+    for key in FACE_NET_KEYS:
+        path = weight_file(key).path(models_copy)
+        path.write_bytes(path.read_bytes()[:100])
+
+    assert ModelBundle.load(models_copy, "cpu", detector="haar").face_detector is None
+    assert check_weights(models_copy, "haar").ok
+    assert [f.relpath for f in check_weights(models_copy).malformed] == list(FACE_NET_FILES)
+
+
+def test_official_kind_in_haar_mode_does_not_count_the_face_nets(models_without_face_nets, tiny_models_dir):
+    provenance = models_without_face_nets / PROVENANCE_FILE
+    files = {f.relpath: {"size": f.path(tiny_models_dir).stat().st_size} for f in WEIGHT_FILES}
+    # A full official download whose S3FD and FAN files are gone since: Haar never loads them.
+    provenance.write_text(json.dumps({"kind": "official", "files": files}))
+    assert weights_kind(models_without_face_nets, "haar") == "official"
+    assert weights_kind(models_without_face_nets) == "custom"
+    # What `weights download` records in Haar mode: the files it fetched, without S3FD and FAN.
+    fetched = {relpath: meta for relpath, meta in files.items() if relpath not in FACE_NET_FILES}
+    provenance.write_text(json.dumps({"kind": "official", "files": fetched}))
+    assert weights_kind(models_without_face_nets, "haar") == "official"
+    # A changed file that Haar mode does load still makes the weights custom.
+    with open(weight_file("unet").path(models_without_face_nets), "ab") as f:
+        f.write(b"\0")
+    assert weights_kind(models_without_face_nets, "haar") == "custom"

@@ -1,9 +1,10 @@
 """The tracked face phase on a real face: the shipped Haar detector, skimage's astronaut moved by known
-translations, faces blanked out, two faces, a faceless video through the real pipeline, and a smoke
-run of the face benchmark."""
+translations, faces blanked out, two faces, a faceless video through the real pipeline, a Haar-mode
+lip-sync on weights without S3FD and FAN, and a smoke run of the face benchmark."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import cv2
@@ -14,8 +15,10 @@ from skimage import data
 from musetalk_service.benchmark.faces import run_face_bench
 from musetalk_service.errors import NoFace
 from musetalk_service.media.encode import encoder_for
+from musetalk_service.media.probe import probe_video
 from musetalk_service.media.synth import write_talking_head_video
 from musetalk_service.nets.haar_face import HaarFaceDetector
+from musetalk_service.nets.layout import FACE_NET_KEYS, weight_file
 from musetalk_service.pipeline.faces import FaceLocator
 from musetalk_service.pipeline.request import LipsyncRequest
 from musetalk_service.pipeline.runner import LipsyncPipeline
@@ -196,6 +199,30 @@ def test_a_video_without_any_face_is_no_face_and_leaves_nothing(
         pipeline.run(LipsyncRequest(video_path=video, audio_path=speech_wav, output_path=output, batch_size=8))
 
     assert not output.exists()
+    assert list(work_dir.iterdir()) == []
+
+
+def test_haar_mode_lip_syncs_a_real_face_without_the_s3fd_and_fan_files(
+    tiny_models_dir, talking_head_video, make_audio, tmp_path
+):
+    # The weights of a machine that cannot fetch S3FD and 2DFAN4, loaded as the service does.
+    models_dir = Path(shutil.copytree(tiny_models_dir, tmp_path / "models"))
+    for key in FACE_NET_KEYS:
+        weight_file(key).path(models_dir).unlink()
+    work_dir = tmp_path / "work"
+    work_dir.mkdir()
+    settings = load_settings(models_dir=models_dir, device="cpu", work_dir=work_dir, face={"detector": "haar"})
+    pipeline = LipsyncPipeline.load(settings)
+    assert pipeline.models.face_detector is None and pipeline.models.landmarker is None
+    output = tmp_path / "out.mp4"
+
+    result = pipeline.run(
+        LipsyncRequest(video_path=talking_head_video, audio_path=make_audio(1.0), output_path=output, batch_size=8)
+    )
+
+    assert result.frames == probe_video(output).frame_count == 25
+    # The cascade found the astronaut on every frame: each one went through the networks.
+    assert result.frames_without_face == 0
     assert list(work_dir.iterdir()) == []
 
 
