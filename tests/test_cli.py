@@ -38,6 +38,25 @@ def test_check_of_an_empty_folder_fails_naming_the_missing_files(tmp_path, capsy
     assert f"musetalk-service weights download --dir {tmp_path}" in out
 
 
+def test_check_in_haar_mode_does_not_ask_for_s3fd_and_fan(tiny_models_dir, tmp_path, capsys):
+    models = Path(shutil.copytree(tiny_models_dir, tmp_path / "models"))
+    for relpath in ("face-detection/s3fd.pth", "face-detection/2DFAN4.pth"):
+        (models / relpath).unlink()
+    haar_config = tmp_path / "haar.yaml"
+    haar_config.write_text("face:\n  detector: haar\n")
+
+    assert main(["weights", "check", "--dir", str(models), "--config", str(haar_config)]) == 0
+    out = capsys.readouterr().out
+    assert f"weights in {models}: random, ok" in out
+    assert "missing" not in out
+    assert "not checked, only face.detector: s3fd loads them: face-detection/s3fd.pth, face-detection/2DFAN4.pth" in out
+
+    # The default settings (s3fd) still need them.
+    assert main(["weights", "check", "--dir", str(models)]) == 1
+    out = capsys.readouterr().out
+    assert "missing   face-detection/s3fd.pth" in out and "missing   face-detection/2DFAN4.pth" in out
+
+
 def test_serve_refuses_to_start_without_weights(tmp_path):
     # The console script in a process of its own, as an operator or a container runs it.
     done = subprocess.run(
@@ -151,3 +170,5 @@ def test_bench_runs_the_real_pipeline_and_writes_its_report(tiny_models_dir, tmp
     assert report["runs"]["warm"]["avatar_id"] == report["runs"]["cold"]["avatar_id"]
     assert report["runs"]["warm"]["phases_s"]["vae_encode"] == 0
     assert report["weights"] == "random" and "warm" in done.stdout
+    for run in report["runs"].values():  # resident memory: before <= the request's peak <= the process's
+        assert 0 < run["host_rss_before_gb"] <= run["host_rss_run_peak_gb"] <= run["host_rss_peak_gb"], run

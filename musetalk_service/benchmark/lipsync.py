@@ -12,8 +12,9 @@ With random weights S3FD's boxes are random too (the face phase's cost is real, 
 not), so `face_box` is the closest to a real new video's blend and crop sizes.
 
 For each it records wall time, output fps, per-phase busy seconds, GPU memory peak, host RSS
-peak, the encoder, the device and the commit. With random weights the mouths are meaningless but
-every FLOP is real, so the speed is too.
+(before the request, its peak during it, and the process's peak since start), the encoder, the
+device and the commit. With random weights the mouths are meaningless but every FLOP is real,
+so the speed is too.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import os
 import platform
 import resource
 import subprocess
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -92,8 +94,10 @@ def _timed_run(pipeline: LipsyncPipeline, request: LipsyncRequest) -> dict:
     cuda = pipeline.models.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(pipeline.models.device)
+    rss_before = _rss_bytes()
     started = time.perf_counter()
-    result = pipeline.run(request)
+    with _RssPeak() as rss:
+        result = pipeline.run(request)
     wall = time.perf_counter() - started
     return {
         "frames": result.frames,
@@ -105,8 +109,50 @@ def _timed_run(pipeline: LipsyncPipeline, request: LipsyncRequest) -> dict:
         "avatar_id": result.avatar_id,
         "fallbacks": result.fallbacks,
         "gpu_memory_peak_gb": round(torch.cuda.max_memory_allocated(pipeline.models.device) / 2**30, 2) if cuda else None,
+        # The process's peak since it started (model loading and compilation included), and the
+        # resident memory before and at its highest during this request: what the request adds.
         "host_rss_peak_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "host_rss_before_gb": _gb(rss_before),
+        "host_rss_run_peak_gb": _gb(rss.peak),
     }
+
+
+def _gb(nbytes: int | None) -> float | None:
+    return None if nbytes is None else round(nbytes / 2**30, 2)
+
+
+def _rss_bytes() -> int | None:
+    """This process's resident memory now (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class _RssPeak:
+    """Samples `_rss_bytes` on a thread while the block runs; `peak` is the highest seen."""
+
+    _INTERVAL_S = 0.02
+
+    def __init__(self):
+        self.peak = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="bench-rss", daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self._INTERVAL_S):
+            now = _rss_bytes()
+            if now is not None and (self.peak is None or now > self.peak):
+                self.peak = now
+
+    def __enter__(self) -> "_RssPeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _device_name(pipeline: LipsyncPipeline) -> str:
@@ -138,7 +184,9 @@ def render_table(report: dict) -> str:
         phases = "  ".join(f"{k} {v:.1f}" for k, v in run["phases_s"].items() if k != "total")
         lines.append(
             f"{name:9s} {run['frames']} frames in {run['wall_s']} s = {run['output_fps']} fps "
-            f"({run['realtime_factor']}x real time); GPU peak {run['gpu_memory_peak_gb']} GB, RSS peak {run['host_rss_peak_gb']} GB"
+            f"({run['realtime_factor']}x real time); GPU peak {run['gpu_memory_peak_gb']} GB, "
+            f"RSS {run['host_rss_before_gb']} GB before, {run['host_rss_run_peak_gb']} GB peak in the run, "
+            f"{run['host_rss_peak_gb']} GB process peak"
         )
         lines.append(f"          busy s: {phases}")
     return "\n".join(lines)

@@ -310,6 +310,8 @@ def box_lag(true_boxes: Sequence[BoxLike | None], boxes: Sequence[BoxLike | None
     if len(truth) != len(est):
         raise ValueError(f"{len(truth)} true boxes but {len(est)} boxes")
     best, best_err = 0, math.inf
+    # A shift must leave at least one frame in common (short tracks: the bench on a tiny clip).
+    max_lag = min(max_lag, len(est) - 1)
     for s in range(-max_lag, max_lag + 1):
         a = est[max(s, 0) : len(est) + min(s, 0)]
         b = truth[max(-s, 0) : len(truth) - max(s, 0)]

@@ -211,6 +211,13 @@ def test_box_lag_finds_a_known_shift():
     assert box_error(truth, truth) == 0.0
 
 
+def test_box_lag_of_a_track_shorter_than_the_largest_shift():
+    truth = _head_turn(200)[:4]
+    delayed = np.concatenate([truth[:1], truth[:-1]])
+    assert box_lag(truth, delayed) == 1
+    assert box_lag(truth[:1], truth[:1]) == 0
+
+
 def test_metrics_skip_frames_without_a_face():
     boxes = [(0, 0, 10, 10), (2, 0, 12, 10), None, (50, 50, 60, 60), (50, 50, 60, 60)]
     assert box_jitter(boxes) == pytest.approx(1.0)
