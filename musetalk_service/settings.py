@@ -42,6 +42,16 @@ class EncodeSettings(BaseModel):
     segment_frames: int = Field(250, ge=16, description="Frames per segment when workers > 1 (x264's keyframe interval).")
 
 
+class DecodeSettings(BaseModel):
+    """How source video becomes frames."""
+
+    workers: Annotated[int, Field(ge=1, le=8)] | Literal["auto"] = Field(
+        "auto",
+        description="ffmpeg decoders sharing one video in alternate chunks of frames; auto: by frame "
+        "size and cores (media.decode.decode_workers_for: 2 at 720p and up on 8+ cores, else 1).",
+    )
+
+
 class LipsyncDefaults(BaseModel):
     """Per-request options' defaults (a request may override each)."""
 
@@ -145,6 +155,7 @@ class Settings(BaseSettings):
     output_roots: list[Path] = Field(default_factory=list, description="Outputs must resolve under one of these; empty: anywhere.")
     api_key: str | None = Field(None, description="When set, every route but the liveness probe needs header X-API-Key.")
     encode: EncodeSettings = EncodeSettings()
+    decode: DecodeSettings = DecodeSettings()
     lipsync: LipsyncDefaults = LipsyncDefaults()
     face: FaceSettings = FaceSettings()
     compile: CompileSettings = CompileSettings()

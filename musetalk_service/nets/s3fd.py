@@ -253,14 +253,15 @@ def decode_detections(
 @torch.inference_mode()
 def detect_faces(
     model: nn.Module,
-    frames_bgr: np.ndarray,
+    frames_bgr: np.ndarray | Sequence[np.ndarray],
     *,
     scale: float = 1.0,
     score_threshold: float = 0.5,
     nms_iou: float = 0.3,
     candidate_threshold: float = 0.05,
 ) -> list[np.ndarray]:
-    """Detect faces in a batch of BGR frames [B,H,W,3] uint8, in one forward pass.
+    """Detect faces in a batch of BGR frames (uint8 `[B,H,W,3]`, or a sequence of same-size
+    `[H,W,3]` frames, uploaded one by one without a host-side copy), in one forward pass.
 
     Returns one float32 array [k,5] (x1,y1,x2,y2,score) per frame, in frame pixels, highest score
     first (k may be 0). `scale` resizes the frames before the network (antialiased when shrinking);
@@ -268,15 +269,18 @@ def detect_faces(
     a 300 px face at 150 px, well inside the anchors' 16-512 px. The batch runs on the model's
     device and dtype in one pass: callers size it to fit memory.
     """
-    if frames_bgr.ndim != 4 or frames_bgr.shape[-1] != 3 or frames_bgr.dtype != np.uint8:
-        raise ValueError(f"frames must be uint8 [B,H,W,3], got {frames_bgr.dtype} {frames_bgr.shape}")
     if not scale > 0:
         raise ValueError(f"scale must be > 0, got {scale}")
     if len(frames_bgr) == 0:
         return []
+    shape = np.shape(frames_bgr[0])
+    if any(np.asarray(f).dtype != np.uint8 or np.ndim(f) != 3 or np.shape(f) != shape or shape[-1] != 3 for f in frames_bgr):
+        raise ValueError(f"frames must be uint8 [B,H,W,3] (or [H,W,3] each, one size), got {np.asarray(frames_bgr[0]).dtype} {shape} first")
     weight = next(model.parameters())
     # Upload uint8 (4x less traffic than float), then convert and resize on the device.
-    x = torch.from_numpy(np.ascontiguousarray(frames_bgr)).to(weight.device)
+    x = torch.empty((len(frames_bgr), *shape), dtype=torch.uint8, device=weight.device)
+    for row, frame in zip(x, frames_bgr):
+        row.copy_(torch.from_numpy(np.ascontiguousarray(frame)))
     x = x.permute(0, 3, 1, 2).flip(1).float()
     height, width = x.shape[-2:]
     if scale != 1.0:

@@ -114,8 +114,8 @@ class FaceFinder(Protocol):
 
     name: str
 
-    def detect(self, frames: np.ndarray) -> list[np.ndarray]:
-        """Faces `[k, 5]` (x1, y1, x2, y2, score; frame pixels) for each frame of `[B, H, W, 3]` BGR."""
+    def detect(self, frames: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Faces `[k, 5]` (x1, y1, x2, y2, score; frame pixels) for each BGR frame `[H, W, 3]`."""
 
     def crop_boxes(self, frames: np.ndarray, boxes: Sequence[FaceBox | None], bbox_shift: int) -> list[FaceBox | None]:
         """The crop box (before extra_margin) of each frame from its detector box; None stays None."""
@@ -135,8 +135,8 @@ class S3fdFanFinder:
         self.models = models
         self.max_side = max_side
 
-    def detect(self, frames: np.ndarray) -> list[np.ndarray]:
-        scale = min(1.0, self.max_side / max(frames.shape[1:3]))
+    def detect(self, frames: Sequence[np.ndarray]) -> list[np.ndarray]:
+        scale = min(1.0, self.max_side / max(frames[0].shape[:2]))
         return detect_faces(self.models.face_detector, frames, scale=scale)
 
     def crop_boxes(self, frames: np.ndarray, boxes: Sequence[FaceBox | None], bbox_shift: int) -> list[FaceBox | None]:
@@ -165,7 +165,7 @@ class HaarFinder:
         # One cascade per locator, i.e. per request: OpenCV does not promise it is thread-safe.
         self.detector = HaarFaceDetector(max_side=max_side)
 
-    def detect(self, frames: np.ndarray) -> list[np.ndarray]:
+    def detect(self, frames: Sequence[np.ndarray]) -> list[np.ndarray]:
         return self.detector.detect(frames)
 
     def crop_boxes(self, frames: np.ndarray, boxes: Sequence[FaceBox | None], bbox_shift: int) -> list[FaceBox | None]:
@@ -262,7 +262,8 @@ class FaceLocator:
         detections: dict[int, np.ndarray] = {}
         to_detect = keyframe_positions(n, self.detect_every, anchored)
         while to_detect:
-            found = self.finder.detect(frames[to_detect])
+            # A list of views: `frames[to_detect]` would copy the whole frames first.
+            found = self.finder.detect([frames[p] for p in to_detect])
             self.detector_frames += len(to_detect)
             detections.update(zip(to_detect, found))
             positions, chosen = self._choose(detections, anchored)

@@ -5,9 +5,9 @@ ways: alone, to prepare an avatar ahead of time (`LipsyncPipeline.prepare_avatar
 lip-sync request on a video the cache has not seen, where each batch is prepared just before it
 is generated, so the video is decoded once and preparation overlaps the UNet and the encoder.
 
-The work is split by where it runs: `locate` (face boxes and the 256x256 crops) is the decoder
-thread's, on a CUDA stream of its own so its waits for results never wait for the UNet;
-`encode` (the VAE) is the GPU thread's.
+The work is split by where it runs: `locate` (face boxes) is the face thread's, on a CUDA stream
+of its own so its waits for results never wait for the UNet; `encode` (the 256x256 crops and the
+VAE) is the GPU thread's, which has time to spare while the face phase is the slower stage.
 """
 
 from __future__ import annotations
@@ -40,11 +40,11 @@ class LocatedFrames:
     """The face phase's result for consecutive source frames, from `first` on."""
 
     first: int
+    frames: np.ndarray
+    """The frames `[b, H, W, 3]` themselves (not copied): `encode` crops them."""
     boxes: list[FaceBox | None]
     rows: list[int]
     """Positions (in this batch) of the frames with a face."""
-    crops: np.ndarray | None
-    """Their 256x256 BGR crops, None when no frame has a face."""
 
 
 class AvatarBuilder:
@@ -71,7 +71,7 @@ class AvatarBuilder:
         return any(box is not None for box in self.boxes)
 
     def locate(self, frames: np.ndarray) -> LocatedFrames:
-        """Boxes and crops of the next source frames `[b, H, W, 3]` (decoder thread)."""
+        """Boxes of the next source frames `[b, H, W, 3]` (face thread)."""
         first = len(self.boxes)
         boxes: list[FaceBox | None] = []
         context = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
@@ -84,11 +84,10 @@ class AvatarBuilder:
                 start = end
         self.boxes.extend(boxes)
         rows = [k for k, box in enumerate(boxes) if box is not None]
-        crops = crop_faces(frames[rows], [boxes[k] for k in rows]) if rows else None
-        return LocatedFrames(first, boxes, rows, crops)
+        return LocatedFrames(first, frames, boxes, rows)
 
     def encode(self, located: LocatedFrames) -> None:
-        """VAE-encode a located batch's crops into the avatar's latents (GPU thread, in order)."""
+        """Crop a located batch's faces and VAE-encode them into the avatar's latents (GPU thread, in order)."""
         if located.first != self._encoded:
             raise ValueError(f"batches must be encoded in order: expected frame {self._encoded}, got {located.first}")
         end = located.first + len(located.boxes)
@@ -96,9 +95,11 @@ class AvatarBuilder:
             grown = torch.zeros((max(end, 2 * len(self._latents)), *LATENT_SHAPE), device=self._latents.device, dtype=self._latents.dtype)
             grown[: self._encoded] = self._latents[: self._encoded]
             self._latents = grown
-        if located.crops is not None:
+        if located.rows:
+            # Views of the frames, not `frames[rows]`: that would copy whole 1080p frames to crop them.
+            crops = crop_faces([located.frames[k] for k in located.rows], [located.boxes[k] for k in located.rows])
             rows = torch.tensor([located.first + k for k in located.rows], device=self._latents.device)
-            self._latents[rows] = encode_crops(self.models, located.crops).to(self._latents.dtype)
+            self._latents[rows] = encode_crops(self.models, crops).to(self._latents.dtype)
         self._encoded = end
 
     def latents(self, source_indices: list[int]) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 
 from musetalk_service.errors import AvatarNotFound, BadAudio, Cancelled, InvalidOption, NoFace
 from musetalk_service.media.audio import load_audio
-from musetalk_service.media.decode import VideoReader
+from musetalk_service.media.decode import VideoReader, decode_workers_for
 from musetalk_service.media.encode import EncoderChoice, VideoEncoder, choose_encoder
 from musetalk_service.media.ffmpeg import find_ffmpeg
 from musetalk_service.media.mux import mux_audio
@@ -135,10 +135,17 @@ class LipsyncPipeline:
         avatar = self.avatars.get(key) if self.avatars is not None else None
         builder = None if avatar is not None else AvatarBuilder(self.models, request, self.settings.face, fps)
 
-        # 4. Per batch of output frames, three overlapping stages (pipeline/stages.py): read and
-        #    (new video) face phase in the decoder thread -> VAE encode, UNet + VAE decode in this
-        #    thread (GPU) -> blend + encode in the writer thread.
-        source = SourceFrames(request.video_path, video, fps, self.ffmpeg, work_dir, total, avatar.frame_count if avatar else None)
+        # 4. Per batch of output frames, overlapping stages (pipeline/stages.py): read in the
+        #    decoder thread -> (new video) face phase in the face thread -> crops + VAE encode,
+        #    UNet + VAE decode in this thread (GPU) -> blend + encode in the writer thread.
+        batch_size = request.batch_size
+        if builder is not None and request.face_box is None:
+            # Whole tracking runs per batch: the boxes come out as a separate preparation's would.
+            batch_size = -(-batch_size // PREP_BATCH) * PREP_BATCH
+        source = SourceFrames(
+            request.video_path, video, fps, self.ffmpeg, work_dir, total, avatar.frame_count if avatar else None,
+            decoders=self._decoders(video), batch=batch_size,
+        )  # fmt: skip
         blender = FaceBlender(
             self.models, request, retain=source.needs_cycle or builder is not None, masks=avatar.masks if avatar else None
         )
@@ -150,18 +157,18 @@ class LipsyncPipeline:
         boxes = avatar.boxes if avatar else builder.boxes
         silent_video = work_dir / "video.mp4"
         encoder = self._video_encoder(silent_video, video, fps, "yuv420p" if composer is not None else "bgr24", work_dir)
-        batch_size = request.batch_size
-        if builder is not None and request.face_box is None:
-            # Whole tracking runs per batch: the boxes come out as a separate preparation's would.
-            batch_size = -(-batch_size // PREP_BATCH) * PREP_BATCH
 
         def read_batches():
             for start in range(0, total, batch_size):
                 indices = list(range(start, min(start + batch_size, total)))
                 with timer.phase("read"):
                     sources, frames, fresh = source.take(indices)
+                yield indices, sources, frames, fresh
+
+        def locate_batches(batches):
+            for indices, sources, frames, fresh in batches:
                 located = None
-                if builder is not None and fresh:
+                if fresh:
                     with timer.phase("face_detect"):
                         located = builder.locate(frames[:fresh])
                 yield indices, sources, frames, located
@@ -183,10 +190,17 @@ class LipsyncPipeline:
         no_face_frames = 0
         try:
             with encoder:
-                reader = Prefetch("musetalk-read", read_batches())
+                # One batch queued between stages when the face phase is one of them: a batch
+                # of 1080p frames is 200 MB, and each queue slot is host memory held.
+                depth = 1 if builder is not None else 2
+                reader = Prefetch("musetalk-read", read_batches(), depth=depth)
+                # The face phase in a thread of its own: in the decoder's, decoding and finding
+                # faces took turns (80 fps on a new 1080p video on the H100).
+                faces_stage = Prefetch("musetalk-faces", locate_batches(reader), depth=depth) if builder is not None else None
+                batches = faces_stage if faces_stage is not None else ((i, s, f, None) for i, s, f, _ in reader)
                 writer = Consume("musetalk-encode", compose_and_encode)
                 try:
-                    for indices, sources, frames, located in reader:
+                    for indices, sources, frames, located in batches:
                         _check_cancel(cancel)
                         if located is not None:
                             with timer.phase("vae_encode", gpu=True):
@@ -213,6 +227,8 @@ class LipsyncPipeline:
                     writer.abort()
                     raise
                 finally:
+                    if faces_stage is not None:
+                        faces_stage.close()
                     reader.close()
                 with timer.phase("encode"):
                     encoder.close()
@@ -272,6 +288,11 @@ class LipsyncPipeline:
             workers=workers, segment_frames=settings.segment_frames, input_pix_fmt=pix_fmt, tmp_dir=work_dir,
         )  # fmt: skip
 
+    def _decoders(self, video: VideoInfo) -> int:
+        """ffmpeg decoders for this video (`decode.workers`)."""
+        workers = self.settings.decode.workers
+        return decode_workers_for(video.width, video.height, os.cpu_count()) if workers == "auto" else workers
+
     def _fps(self, request: LipsyncRequest, video: VideoInfo) -> Fraction:
         return Fraction(request.fps).limit_denominator(_FPS_MAX_DENOMINATOR) if request.fps else video.fps
 
@@ -322,7 +343,7 @@ class LipsyncPipeline:
         estimate = max(video.frame_count, 1)
 
         def read_batches():
-            with VideoReader(request.video_path, video, fps, self.ffmpeg) as reader:
+            with VideoReader(request.video_path, video, fps, self.ffmpeg, decoders=self._decoders(video), chunk=PREP_BATCH) as reader:
                 while True:
                     with timer.phase("read"):
                         frames = reader.read(PREP_BATCH)
@@ -359,7 +380,7 @@ class LipsyncPipeline:
 def load_models(settings: Settings, *, warm: bool = True) -> ModelBundle:
     """The networks as the service runs them: on the configured device, the per-batch ones at
     their fixed batch sizes and compiled where `settings.compile` says (with its disk cache);
-    warmed up (compiled) unless `warm` is False."""
+    warmed up (compiled) unless `warm` is False. With `face.detector: haar`, without S3FD and FAN."""
     device = settings.resolved_device()
     compile_mode = settings.compile.mode_for(device)
     if compile_mode is not None:
@@ -367,6 +388,7 @@ def load_models(settings: Settings, *, warm: bool = True) -> ModelBundle:
     models = ModelBundle.load(
         settings.models_dir, device,
         batch_size=settings.lipsync.batch_size, prepare_batch=PREP_BATCH, compile_mode=compile_mode,
+        detector=settings.face.detector,
     )  # fmt: skip
     if warm:
         models.warmup()
