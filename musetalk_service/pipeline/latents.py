@@ -9,6 +9,7 @@ that shows it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import cv2
@@ -29,13 +30,25 @@ def crop_faces(frames: Sequence[np.ndarray] | np.ndarray, boxes: Sequence[FaceBo
     """
     if len(frames) != len(boxes):
         raise ValueError(f"{len(frames)} frames but {len(boxes)} boxes")
-    out = np.empty((len(boxes), FACE_SIZE, FACE_SIZE, 3), dtype=np.uint8)
-    for i, (frame, (x1, y1, x2, y2)) in enumerate(zip(frames, boxes)):
-        crop = frame[y1:y2, x1:x2]
+    crops = [frame[y1:y2, x1:x2] for frame, (x1, y1, x2, y2) in zip(frames, boxes)]
+    for frame, box, crop in zip(frames, boxes, crops):
         if crop.size == 0:
-            raise ValueError(f"face box {(x1, y1, x2, y2)} is empty in a {frame.shape[1]}x{frame.shape[0]} frame")
-        out[i] = cv2.resize(crop, (FACE_SIZE, FACE_SIZE), interpolation=cv2.INTER_LANCZOS4)
+            raise ValueError(f"face box {tuple(box)} is empty in a {frame.shape[1]}x{frame.shape[0]} frame")
+    out = np.empty((len(boxes), FACE_SIZE, FACE_SIZE, 3), dtype=np.uint8)
+
+    def resize(i: int) -> None:
+        out[i] = cv2.resize(crops[i], (FACE_SIZE, FACE_SIZE), interpolation=cv2.INTER_LANCZOS4)
+
+    # A 1080p face takes about 1.6 ms of Lanczos (H100 box, py-spy): a batch of 32 is 50 ms of
+    # the GPU thread's time unless spread over cores (OpenCV releases the GIL while it resizes).
+    if len(crops) > 1:
+        list(_CROP_POOL.map(resize, range(len(crops))))
+    elif crops:
+        resize(0)
     return out
+
+
+_CROP_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="musetalk-crop")
 
 
 def vae_inputs(faces_bgr: np.ndarray, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

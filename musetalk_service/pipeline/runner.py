@@ -362,8 +362,12 @@ class LipsyncPipeline:
         return builder.finish(key, options, video.width, video.height, request.video_path, blender.export_masks())
 
     def _sync(self) -> None:
+        """Wait for the work the calling thread queued (its current stream), for busy times.
+
+        Not the whole device: each stage has its own stream (faces, composer), and a stage that
+        waited for the others' work at each timing point would become the slowest of them."""
         if self.models.device.type == "cuda":
-            torch.cuda.synchronize(self.models.device)
+            torch.cuda.current_stream(self.models.device).synchronize()
 
     # For the service's probes and metrics (api/): cheap, no model work.
 
