@@ -10,6 +10,7 @@ carrying the return code and the tail of stderr.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import shlex
@@ -106,6 +107,27 @@ def describe_returncode(returncode: int | None) -> str:
     return f"exit code {returncode}"
 
 
+_PIPE_BYTES = 1 << 20
+
+
+def _grow_pipe(fd: int) -> None:
+    """Give a pipe we read frames from a 1 MB buffer (Linux; capped by fs.pipe-max-size).
+
+    A read returns at most what the pipe holds: 64 KB by default, about 95 reads per 1080p BGR
+    frame, and each read gives up and takes back the GIL. On the H100 box that churn slowed the
+    GPU thread's kernel launches whenever decoders ran beside it. Where the pipe cannot grow the
+    default stays: only speed depends on it.
+    """
+    set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if set_size is None:
+        return
+    try:
+        limit = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+        fcntl.fcntl(fd, set_size, min(_PIPE_BYTES, limit))
+    except (OSError, ValueError):
+        logger.debug("pipe buffer left at its default size", exc_info=True)
+
+
 class FFmpegPipe:
     """One ffmpeg process, as a context manager.
 
@@ -162,6 +184,8 @@ class FFmpegPipe:
             bufsize=0,
             close_fds=True,
         )
+        if self._want_stdout:
+            _grow_pipe(self._proc.stdout.fileno())
         self._stderr_thread = threading.Thread(
             target=self._drain_stderr, name=f"ffmpeg-stderr-{self._proc.pid}", daemon=True
         )

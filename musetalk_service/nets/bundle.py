@@ -37,7 +37,7 @@ from musetalk_service.nets.layout import (
     needed_files,
     weight_file,
 )
-from musetalk_service.nets.loading import WeightsFileError
+from musetalk_service.nets.loading import WeightsFileError, release_freed_host_memory
 from musetalk_service.nets.musetalk import FaceGenerator, FaceLatentEncoder
 from musetalk_service.nets.unet import PositionalEncoding, load_unet
 from musetalk_service.nets.vae import load_vae
@@ -128,6 +128,8 @@ class ModelBundle:
             )
         except WeightsFileError as e:
             raise WeightsFileError(e.path, f"{e.reason}. Replace it: {DOWNLOAD_COMMAND.format(dir=models_dir)}") from e
+        # The host copies of the weights are garbage now (on CPU the modules hold their own).
+        release_freed_host_memory()
         logger.info(
             "loaded %s weights from %s on %s/%s in %.1f s",
             bundle.weights_kind, models_dir, device, dtype, time.perf_counter() - started,

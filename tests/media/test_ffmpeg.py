@@ -123,3 +123,16 @@ def test_exact_rate():
     assert exact_rate(25) == 25 and exact_rate("24000/1001") == Fraction(24000, 1001)
     with pytest.raises(ValueError, match="positive"):
         exact_rate(0)
+
+
+@pytest.mark.skipif(not hasattr(__import__("fcntl"), "F_GETPIPE_SZ"), reason="Linux pipes only")
+def test_frames_are_read_from_a_pipe_of_up_to_1_mb(ffmpeg_exe):
+    """Fewer, larger reads per frame: each read hands the GIL over and back."""
+    import fcntl
+    from pathlib import Path
+
+    expected = min(1 << 20, int(Path("/proc/sys/fs/pipe-max-size").read_text()))
+    pipe = FFmpegPipe(ffmpeg_exe, ["-f", "lavfi", "-i", "testsrc=size=64x64:rate=25", "-frames:v", "2", "-f", "rawvideo", "pipe:1"], stdout=True)
+    with pipe:
+        assert fcntl.fcntl(pipe._proc.stdout.fileno(), fcntl.F_GETPIPE_SZ) == expected
+        pipe.read_all()
