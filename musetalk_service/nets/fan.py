@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from musetalk_service.nets.loading import StateDict, WeightsFileError, load_state_dict
+from musetalk_service.parallel import for_each_index
 
 logger = logging.getLogger(__name__)
 
@@ -200,18 +201,23 @@ def crop_faces(frames_bgr: np.ndarray, boxes: np.ndarray, frame_index: np.ndarra
     """
     centers, sides = _crop_frames(boxes)
     crops = np.empty((len(boxes), CROP_SIZE, CROP_SIZE, 3), np.uint8)
-    for i, (f, (cx, cy), side) in enumerate(zip(frame_index, centers, sides)):
+
+    def crop(i: int) -> None:
+        (cx, cy), side = centers[i], sides[i]
         step = side * (CROP_SIZE - 1) / CROP_SIZE**2  # frame pixels per crop pixel
         first = -(CROP_SIZE / 2 - 1) * side / CROP_SIZE + step / 2 - 0.5  # crop pixel 0, from the centre
         to_frame = np.array([[step, 0.0, cx + first], [0.0, step, cy + first]])
         crops[i] = cv2.warpAffine(
-            frames_bgr[f],
+            frames_bgr[frame_index[i]],
             to_frame,
             (CROP_SIZE, CROP_SIZE),
             flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
             borderMode=cv2.BORDER_CONSTANT,
             borderValue=0,
         )
+
+    # About 0.7 ms per 1080p face: a third of the tracked face phase's time when done in turn.
+    for_each_index(crop, len(boxes))
     return crops
 
 
