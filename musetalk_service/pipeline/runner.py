@@ -21,7 +21,7 @@ import torch
 
 from musetalk_service.errors import AvatarNotFound, BadAudio, Cancelled, InvalidOption, NoFace
 from musetalk_service.media.audio import load_audio
-from musetalk_service.media.decode import VideoReader, decode_workers_for
+from musetalk_service.media.decode import VideoReader
 from musetalk_service.media.encode import EncoderChoice, VideoEncoder, choose_encoder
 from musetalk_service.media.ffmpeg import find_ffmpeg
 from musetalk_service.media.mux import mux_audio
@@ -142,10 +142,7 @@ class LipsyncPipeline:
         if builder is not None and request.face_box is None:
             # Whole tracking runs per batch: the boxes come out as a separate preparation's would.
             batch_size = -(-batch_size // PREP_BATCH) * PREP_BATCH
-        source = SourceFrames(
-            request.video_path, video, fps, self.ffmpeg, work_dir, total, avatar.frame_count if avatar else None,
-            decoders=self._decoders(video), batch=batch_size,
-        )  # fmt: skip
+        source = SourceFrames(request.video_path, video, fps, self.ffmpeg, work_dir, total, avatar.frame_count if avatar else None)
         blender = FaceBlender(
             self.models, request, retain=source.needs_cycle or builder is not None, masks=avatar.masks if avatar else None
         )
@@ -288,11 +285,6 @@ class LipsyncPipeline:
             workers=workers, segment_frames=settings.segment_frames, input_pix_fmt=pix_fmt, tmp_dir=work_dir,
         )  # fmt: skip
 
-    def _decoders(self, video: VideoInfo) -> int:
-        """ffmpeg decoders for this video (`decode.workers`)."""
-        workers = self.settings.decode.workers
-        return decode_workers_for(video.width, video.height, os.cpu_count()) if workers == "auto" else workers
-
     def _fps(self, request: LipsyncRequest, video: VideoInfo) -> Fraction:
         return Fraction(request.fps).limit_denominator(_FPS_MAX_DENOMINATOR) if request.fps else video.fps
 
@@ -343,7 +335,7 @@ class LipsyncPipeline:
         estimate = max(video.frame_count, 1)
 
         def read_batches():
-            with VideoReader(request.video_path, video, fps, self.ffmpeg, decoders=self._decoders(video), chunk=PREP_BATCH) as reader:
+            with VideoReader(request.video_path, video, fps, self.ffmpeg) as reader:
                 while True:
                     with timer.phase("read"):
                         frames = reader.read(PREP_BATCH)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from musetalk_service.media.decode import DEFAULT_CHUNK_FRAMES, VideoReader
+from musetalk_service.media.decode import VideoReader
 from musetalk_service.media.probe import VideoInfo
 
 
@@ -71,23 +71,9 @@ class SourceFrames:
     # A container's duration can be a little off: only beyond this margin is a cycle certain.
     _ESTIMATE_MARGIN = 1.03
 
-    def __init__(
-        self,
-        video_path: Path,
-        info: VideoInfo,
-        fps: Fraction,
-        ffmpeg: str,
-        work_dir: Path,
-        output_frames: int,
-        frame_count: int | None,
-        *,
-        decoders: int = 1,
-        batch: int = DEFAULT_CHUNK_FRAMES,
-    ):
-        """`decoders`, `batch`: `VideoReader`'s parallel decoders, each handing out chunks of
-        `batch` frames; `take` is called with batches of that size, so no chunk is copied."""
+    def __init__(self, video_path: Path, info: VideoInfo, fps: Fraction, ffmpeg: str, work_dir: Path, output_frames: int, frame_count: int | None):
         self.frame_count = frame_count
-        self._open = lambda: VideoReader(video_path, info, fps, ffmpeg, decoders=decoders, chunk=batch)
+        self._open = lambda: VideoReader(video_path, info, fps, ffmpeg)
         if frame_count is not None:
             cycles = output_frames > frame_count
         else:

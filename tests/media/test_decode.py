@@ -1,21 +1,18 @@
-"""Decoding: frame content and counts, constant rate out of variable rate, rotation, 10-bit, odd sizes;
-several decoders on alternate chunks giving the same frames."""
+"""Decoding: frame content and counts, constant rate out of variable rate, rotation, 10-bit, odd sizes."""
 
 from __future__ import annotations
 
 import signal
 from fractions import Fraction
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
 from musetalk_service.errors import FFmpegError
-from musetalk_service.media.decode import VideoReader, decode_workers_for
-from musetalk_service.media.ffmpeg import FFmpegPipe, file_arg, run_ffmpeg
+from musetalk_service.media.decode import VideoReader
+from musetalk_service.media.ffmpeg import file_arg, run_ffmpeg
 from musetalk_service.media.probe import probe_video
-from musetalk_service.settings import load_settings
 
 from .conftest import COLOURS, decode_all, encode_frames, lavfi_video, pid_alive, solid_frames
 
@@ -143,176 +140,3 @@ def test_decode_failure_raises_at_read(ffmpeg_exe, talking_head_video, tmp_path)
     with pytest.raises(FFmpegError, match="decoding .*gone.mp4.*No such file"):
         with VideoReader(path, info, None, ffmpeg_exe) as reader:
             reader.read(4)
-
-
-# -- several decoders on alternate chunks ------------------------------------------------------
-
-READ_PATTERNS = [(4,), (1, 4, 7, 3, 8, 2, 12, 5), (100,)]
-"""Read sizes, cycled: whole chunks (chunk=4), assorted sizes across chunk boundaries, all at once."""
-
-
-def _read_all(reader: VideoReader, sizes) -> np.ndarray:
-    batches, k = [], 0
-    while (batch := reader.read(sizes[k % len(sizes)])).shape[0]:
-        batches.append(batch)
-        k += 1
-    assert reader.read(3).shape[0] == 0
-    return np.concatenate(batches)
-
-
-def _decode(path, ffmpeg, sizes=(7,), fps=None, **kwargs) -> np.ndarray:
-    with VideoReader(path, probe_video(path), fps, ffmpeg, **kwargs) as reader:
-        frames = _read_all(reader, sizes)
-    assert reader.frames_read == len(frames)
-    return frames
-
-
-def _assert_reaped(reader: VideoReader) -> None:
-    for d in reader._parallel._decoders:
-        assert not pid_alive(d.pipe.pid)
-        assert d.pipe.returncode is not None
-        assert not d.thread.is_alive()
-
-
-@pytest.fixture(scope="module")
-def counter_videos(tmp_path_factory, ffmpeg_exe) -> dict[int, Path]:
-    """testsrc2 at 30 fps (every frame differs) with 27, 24 and 5 frames: not a multiple of
-    decoders x chunk, a multiple of 2 x 4 and 3 x 4 (the last chunk is empty), fewer than 3 x 4."""
-    folder = tmp_path_factory.mktemp("counter")
-    return {
-        n: lavfi_video(ffmpeg_exe, folder / f"count{n}.mp4", f"testsrc2=size=96x64:rate=30,trim=end_frame={n}")
-        for n in (27, 24, 5)
-    }
-
-
-@pytest.mark.parametrize("frames", [27, 24, 5])
-@pytest.mark.parametrize("decoders", [2, 3])
-def test_parallel_decoders_give_identical_frames(ffmpeg_exe, counter_videos, decoders, frames):
-    path = counter_videos[frames]
-    single = _decode(path, ffmpeg_exe)
-    assert single.shape == (frames, 64, 96, 3)
-    assert all(not np.array_equal(a, b) for a, b in zip(single, single[1:]))  # an order mix-up would show
-    for sizes in READ_PATTERNS:
-        parallel = _decode(path, ffmpeg_exe, sizes, decoders=decoders, chunk=4)
-        assert parallel.shape == single.shape and np.array_equal(parallel, single), sizes
-
-
-@pytest.mark.parametrize("decoders", [2, 3])
-def test_parallel_decoders_with_rate_conversion(ffmpeg_exe, counter_videos, decoders):
-    """30 -> 25 fps: the chunks are cut after the fps filter, so the dropped frames are the same."""
-    path = counter_videos[27]
-    single = _decode(path, ffmpeg_exe, fps=Fraction(25))
-    assert single.shape[0] == 23
-    parallel = _decode(path, ffmpeg_exe, READ_PATTERNS[1], fps=Fraction(25), decoders=decoders, chunk=4)
-    assert np.array_equal(parallel, single)
-
-
-def test_parallel_whole_chunk_reads_are_not_copied(ffmpeg_exe, counter_videos):
-    path = counter_videos[27]
-    with VideoReader(path, probe_video(path), None, ffmpeg_exe, decoders=2, chunk=4) as reader:
-        batches = [reader.read(4) for _ in range(7)]
-        assert reader.read(4).shape[0] == 0
-    assert [len(b) for b in batches] == [4, 4, 4, 4, 4, 4, 3]
-    assert all(b.base is None for b in batches[:-1])  # the chunk arrays themselves
-    _assert_reaped(reader)
-    assert all(d.pipe.returncode == 0 for d in reader._parallel._decoders)
-
-
-def test_parallel_still_image(ffmpeg_exe, tmp_path):
-    image = np.full((31, 45, 3), COLOURS[2], np.uint8)
-    path = tmp_path / "still.png"
-    cv2.imwrite(str(path), image)
-    frames = _decode(path, ffmpeg_exe, (5,), decoders=2, chunk=4)
-    assert frames.shape == (1, 31, 45, 3)
-    assert _mean_abs_diff(frames[0], image) < 1.0
-
-
-@pytest.mark.parametrize("reads", [0, 1, 5])
-def test_parallel_leaving_early_reaps_everything(ffmpeg_exe, talking_head_video, reads):
-    with VideoReader(talking_head_video, probe_video(talking_head_video), None, ffmpeg_exe, decoders=2, chunk=4) as reader:
-        got = sum(len(reader.read(3)) for _ in range(reads))
-    assert reader.frames_read == got == 3 * reads
-    _assert_reaped(reader)
-
-
-def test_parallel_exception_in_block_reaps_everything(ffmpeg_exe, talking_head_video):
-    with pytest.raises(KeyError):
-        with VideoReader(talking_head_video, probe_video(talking_head_video), None, ffmpeg_exe, decoders=3, chunk=4) as reader:
-            reader.read(6)
-            raise KeyError("caller failed")
-    assert reader.frames_read == 6
-    _assert_reaped(reader)
-    assert any(d.pipe.returncode == -signal.SIGKILL for d in reader._parallel._decoders)
-
-
-def test_parallel_decode_failure_raises(ffmpeg_exe, talking_head_video, tmp_path):
-    path = tmp_path / "gone.mp4"
-    path.write_bytes(talking_head_video.read_bytes())
-    info = probe_video(path)
-    path.unlink()
-    with pytest.raises(FFmpegError, match="decoding .*gone.mp4.*No such file"):
-        with VideoReader(path, info, None, ffmpeg_exe, decoders=2, chunk=4) as reader:
-            reader.read(4)
-    _assert_reaped(reader)
-
-
-@pytest.mark.parametrize("decoders", [1, 2, 3])
-def test_truncated_file_raises(ffmpeg_exe, counter_videos, tmp_path, decoders):
-    """Cut after probing: the MP4 index (at the end of this file) is gone, so ffmpeg can't open it."""
-    data = counter_videos[27].read_bytes()
-    path = tmp_path / "cut.mp4"
-    path.write_bytes(data)
-    info = probe_video(path)
-    path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(FFmpegError, match="decoding .*cut.mp4"):
-        with VideoReader(path, info, None, ffmpeg_exe, decoders=decoders, chunk=4) as reader:
-            while len(reader.read(5)):
-                pass
-    if decoders > 1:
-        _assert_reaped(reader)
-
-
-def test_parallel_reader_thread_error_surfaces_in_read(ffmpeg_exe, talking_head_video, monkeypatch):
-    real_readinto = FFmpegPipe.readinto
-
-    def failing_readinto(self, buffer):
-        if "decoder 2 of" in self.what:
-            raise OSError("disk on fire")
-        return real_readinto(self, buffer)
-
-    monkeypatch.setattr(FFmpegPipe, "readinto", failing_readinto)
-    with pytest.raises(OSError, match="disk on fire"):
-        with VideoReader(talking_head_video, probe_video(talking_head_video), None, ffmpeg_exe, decoders=2, chunk=4) as reader:
-            assert len(reader.read(4)) == 4  # decoder 1's chunk
-            reader.read(4)
-    assert reader.frames_read == 4
-    _assert_reaped(reader)
-
-
-def test_reader_arguments_are_checked(talking_head_video, ffmpeg_exe):
-    info = probe_video(talking_head_video)
-    with pytest.raises(ValueError, match="decoders"):
-        VideoReader(talking_head_video, info, None, ffmpeg_exe, decoders=0)
-    with pytest.raises(ValueError, match="chunk"):
-        VideoReader(talking_head_video, info, None, ffmpeg_exe, decoders=2, chunk=0)
-
-
-@pytest.mark.parametrize(
-    "width, height, cores, expected",
-    [
-        (1920, 1080, 16, 2),
-        (1280, 720, 8, 2),
-        (720, 1280, 8, 2),  # portrait counts by pixels
-        (1920, 1080, 4, 1),
-        (1920, 1080, None, 1),
-        (1280, 718, 16, 1),
-        (256, 256, 64, 1),
-    ],
-)
-def test_decode_workers_for(width, height, cores, expected):
-    assert decode_workers_for(width, height, cores) == expected
-
-
-def test_decode_workers_setting():
-    assert load_settings().decode.workers == "auto"
-    assert load_settings(decode={"workers": 2}).decode.workers == 2

@@ -293,24 +293,3 @@ def test_parallel_segment_encoders_give_one_exact_output(tiny_models_dir, tmp_pa
     assert frame_codes(decode_all(result.output_path, ffmpeg)) == [pingpong_index(i, 12) for i in range(50)]
     assert list((tmp_path / "work").iterdir()) == []
 
-
-def test_parallel_decoders_give_the_frames_in_order(tiny_models_dir, tmp_path, make_audio):
-    """decode.workers > 1: decoders on alternate chunks of the video; the output shows every
-    source frame where one decoder would, for a video prepared in the same pass (its length
-    learnt at the end, then replayed from the store) and for one longer than the audio."""
-    from musetalk_service.pipeline.runner import LipsyncPipeline
-    from musetalk_service.settings import load_settings
-
-    settings = load_settings(models_dir=tiny_models_dir, device="cpu", work_dir=tmp_path / "work", cache={"enabled": False})
-    (tmp_path / "work").mkdir()
-    settings = settings.model_copy(update={"decode": settings.decode.model_copy(update={"workers": 3})})
-    pipeline = LipsyncPipeline.load(settings)
-    ffmpeg = pipeline.ffmpeg
-    video = indexed_video(tmp_path / "indexed.mp4", 11, Fraction(25), ffmpeg, settings)
-
-    # Batches of 3: each decoder's chunk; 11 frames end inside the fourth chunk.
-    cycled = lipsync(pipeline, tmp_path, video, make_audio(2.0, ".wav"), batch_size=3)
-    assert frame_codes(decode_all(cycled.output_path, ffmpeg)) == [pingpong_index(i, 11) for i in range(50)]
-    shorter = lipsync(pipeline, tmp_path, video, make_audio(0.3, ".wav"), batch_size=3)
-    assert frame_codes(decode_all(shorter.output_path, ffmpeg)) == list(range(7))
-    assert list((tmp_path / "work").iterdir()) == []
