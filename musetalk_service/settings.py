@@ -31,6 +31,13 @@ class EncodeSettings(BaseModel):
     nvenc_cq: int = Field(20, ge=0, le=51)
     x264_preset: str = "veryfast"
     x264_crf: int = Field(18, ge=0, le=51)
+    nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="Encoders run this much lower in CPU priority: they have frames queued and can wait, "
+        "while the decoder and the GPU threads that feed the pipeline cannot. 0: the service's own priority.",
+    )
     ffmpeg_path: str | None = Field(
         None, description="ffmpeg binary; unset: ffmpeg on PATH, else the one imageio-ffmpeg ships."
     )
@@ -40,16 +47,6 @@ class EncodeSettings(BaseModel):
         "re-encoding; auto: by frame size and cores (4 at 1080p on 8+ cores, 1 on 2 cores).",
     )
     segment_frames: int = Field(250, ge=16, description="Frames per segment when workers > 1 (x264's keyframe interval).")
-
-
-class DecodeSettings(BaseModel):
-    """How source video becomes frames."""
-
-    workers: Annotated[int, Field(ge=1, le=8)] | Literal["auto"] = Field(
-        "auto",
-        description="ffmpeg decoders sharing one video in alternate chunks of frames; auto: by frame "
-        "size and cores (media.decode.decode_workers_for: 2 at 720p and up on 8+ cores, else 1).",
-    )
 
 
 class LipsyncDefaults(BaseModel):
@@ -155,7 +152,6 @@ class Settings(BaseSettings):
     output_roots: list[Path] = Field(default_factory=list, description="Outputs must resolve under one of these; empty: anywhere.")
     api_key: str | None = Field(None, description="When set, every route but the liveness probe needs header X-API-Key.")
     encode: EncodeSettings = EncodeSettings()
-    decode: DecodeSettings = DecodeSettings()
     lipsync: LipsyncDefaults = LipsyncDefaults()
     face: FaceSettings = FaceSettings()
     compile: CompileSettings = CompileSettings()
