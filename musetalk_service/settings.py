@@ -31,13 +31,6 @@ class EncodeSettings(BaseModel):
     nvenc_cq: int = Field(20, ge=0, le=51)
     x264_preset: str = "veryfast"
     x264_crf: int = Field(18, ge=0, le=51)
-    nice: int = Field(
-        10,
-        ge=0,
-        le=19,
-        description="Encoders run this much lower in CPU priority: they have frames queued and can wait, "
-        "while the decoder and the GPU threads that feed the pipeline cannot. 0: the service's own priority.",
-    )
     ffmpeg_path: str | None = Field(
         None, description="ffmpeg binary; unset: ffmpeg on PATH, else the one imageio-ffmpeg ships."
     )

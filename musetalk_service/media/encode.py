@@ -45,8 +45,6 @@ class EncoderChoice:
 
     name: str
     args: tuple[str, ...]
-    nice: int = 0
-    """CPU priority below the service's (`encode.nice`) at which its ffmpeg processes run."""
 
     def ffmpeg_args(self) -> list[str]:
         return ["-c:v", self.name, *self.args]
@@ -58,10 +56,10 @@ def encoder_for(name: str, settings: EncodeSettings) -> EncoderChoice:
         # -cq only governs quality in VBR mode with no bitrate cap; otherwise nvenc's 2 Mb/s
         # default target wins.
         return EncoderChoice(
-            name, ("-preset", settings.nvenc_preset, "-rc", "vbr", "-cq", str(settings.nvenc_cq), "-b:v", "0"), settings.nice
+            name, ("-preset", settings.nvenc_preset, "-rc", "vbr", "-cq", str(settings.nvenc_cq), "-b:v", "0")
         )
     if name == "libx264":
-        return EncoderChoice(name, ("-preset", settings.x264_preset, "-crf", str(settings.x264_crf)), settings.nice)
+        return EncoderChoice(name, ("-preset", settings.x264_preset, "-crf", str(settings.x264_crf)))
     raise ValueError(f"unknown encoder {name!r}")
 
 
@@ -169,7 +167,7 @@ class VideoEncoder:
             "-movflags", "+faststart",
             "-f", "mp4", file_arg(self.path),
         ]  # fmt: skip
-        self._pipe = FFmpegPipe(ffmpeg, args, stdin=True, what=f"encoding {self.path} with {choice.name}", nice=choice.nice)
+        self._pipe = FFmpegPipe(ffmpeg, args, stdin=True, what=f"encoding {self.path} with {choice.name}")
 
     def __enter__(self) -> VideoEncoder:
         self._pipe.start()

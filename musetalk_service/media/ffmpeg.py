@@ -147,17 +147,8 @@ class FFmpegPipe:
         stdout: bool = False,
         loglevel: str = "error",
         what: str = "ffmpeg",
-        nice: int = 0,
     ):
-        """`nice` > 0 starts ffmpeg that much lower in CPU priority (through the `nice` program,
-        so every thread it ever starts inherits it; without one on PATH it runs as is)."""
         self.command = ffmpeg_command(ffmpeg, args, uses_stdin=stdin, loglevel=loglevel)
-        if nice > 0:
-            nice_program = shutil.which("nice")
-            if nice_program is None:
-                logger.debug("no nice program on PATH: %s runs at normal priority", what)
-            else:
-                self.command = [nice_program, "-n", str(nice), *self.command]
         self.what = what
         self._want_stdin = stdin
         self._want_stdout = stdout

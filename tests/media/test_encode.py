@@ -27,8 +27,8 @@ def _frames(n: int, width: int = 64, height: int = 48) -> np.ndarray:
 
 def test_auto_picks_libx264_without_nvenc_hardware(ffmpeg_exe):
     """This machine (like the H100/H200/A100 hosts) has no NVENC: the probe must notice."""
-    choice = choose_encoder(EncodeSettings(encoder="auto", x264_preset="fast", x264_crf=23, nice=3), ffmpeg_exe)
-    assert choice == EncoderChoice("libx264", ("-preset", "fast", "-crf", "23"), nice=3)
+    choice = choose_encoder(EncodeSettings(encoder="auto", x264_preset="fast", x264_crf=23), ffmpeg_exe)
+    assert choice == EncoderChoice("libx264", ("-preset", "fast", "-crf", "23"))
 
 
 def test_forced_nvenc_fails_clearly(ffmpeg_exe):
