@@ -114,9 +114,9 @@ def _grow_pipe(fd: int) -> None:
     """Give a pipe we read frames from a 1 MB buffer (Linux; capped by fs.pipe-max-size).
 
     A read returns at most what the pipe holds: 64 KB by default, about 95 reads per 1080p BGR
-    frame, and each read gives up and takes back the GIL. On the H100 box that churn slowed the
-    GPU thread's kernel launches whenever decoders ran beside it. Where the pipe cannot grow the
-    default stays: only speed depends on it.
+    frame, and each read gives up and takes back the GIL, which the GPU thread needs to launch its
+    kernels (with two decoders reading beside it on the H100 box its busy time doubled). Where the
+    pipe cannot grow the default stays: only speed depends on it.
     """
     set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
     if set_size is None:
