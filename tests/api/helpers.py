@@ -104,7 +104,13 @@ def native_threads() -> int:
 
 
 def files_under(*folders: Path) -> list[Path]:
-    return sorted(p for folder in folders if folder.exists() for p in folder.rglob("*"))
+    """Everything below `folders`. The server may be deleting part of it during the walk (a
+    cancelled upload's folder): a walk that meets a folder gone meanwhile starts again."""
+    while True:
+        try:
+            return sorted(p for folder in folders if folder.exists() for p in folder.rglob("*"))
+        except FileNotFoundError:
+            continue
 
 
 # --- a controllable pipeline ------------------------------------------------------------------------
