@@ -107,7 +107,7 @@ def test_mask_is_zero_above_the_middle_and_outside_the_box_plus_blur():
     side = 2 * s
     assert mask.shape == (side, side) and mask.dtype == np.uint8
     half_kernel = int(BLUR_FRACTION * side // 2 * 2) // 2
-    bx1, by1, bx2, by2 = (BOX[0] - square[0], BOX[1] - square[1], BOX[2] - square[0], BOX[3] - square[1])
+    bx1, _, bx2, by2 = (BOX[0] - square[0], BOX[1] - square[1], BOX[2] - square[0], BOX[3] - square[1])
     assert not mask[: s - half_kernel].any()
     assert not mask[:, : bx1 - half_kernel].any() and not mask[:, bx2 + half_kernel :].any()
     assert not mask[by2 + half_kernel :].any()
