@@ -80,12 +80,18 @@ class GatedRun:
 
 @pytest.fixture
 def thread_baseline():
-    before = threading.active_count()
+    """Fails the test if a thread it started outlives it. By identity, not by count: a thread an
+    earlier test left winding down may end meanwhile."""
+    before = set(threading.enumerate())
     yield before
+
+    def started_here() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t not in before]
+
     deadline = time.monotonic() + WAIT
-    while threading.active_count() > before and time.monotonic() < deadline:
+    while started_here() and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert threading.active_count() == before, [t.name for t in threading.enumerate()]
+    assert not started_here(), [t.name for t in started_here()]
 
 
 def make(run, **kw) -> JobManager:
