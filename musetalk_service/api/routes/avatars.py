@@ -8,11 +8,10 @@ import anyio.to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from musetalk_service.api.requests import body_from_form, checked_avatar_request, find_avatar, json_body
-from musetalk_service.api.routes.common import SUBMIT_ERRORS, body_doc, error_docs, get_service, raise_failure, wait_for
+from musetalk_service.api.requests import checked_avatar_request, find_avatar
+from musetalk_service.api.routes.common import SUBMIT_ERRORS, body_doc, error_docs, get_service, raise_failure, read_body, wait_for
 from musetalk_service.api.schemas import AvatarBody, AvatarList, AvatarResponse
 from musetalk_service.api.service import AvatarTask, JobFiles, avatar_summary
-from musetalk_service.api.uploads import is_multipart, receive_form
 
 router = APIRouter()
 
@@ -27,21 +26,15 @@ async def create_avatar(http: Request) -> JSONResponse:
     on the GPU queue, waited for here (cancelled if the client goes away)."""
     service = get_service(http)
     service.require_loaded()
-    settings = service.settings
     files = JobFiles()
     try:
-        if is_multipart(http):
-            files.upload_dir = service.upload_folder()
-            form = await receive_form(http, files.upload_dir, max_bytes=settings.limits.max_upload_bytes, file_fields=("video",))
-            body, uploaded = body_from_form(form, AvatarBody, {"video": "video_path"})
-            if uploaded:
-                # The avatar refers to its video for every later request: keep it outside the upload folder.
-                staged = form.files["video"]
-                files.avatar_video = service.avatar_video_path(staged.suffix)
-                shutil.move(staged, files.avatar_video)
-                body = body.model_copy(update={"video_path": str(files.avatar_video)})
-        else:
-            body, uploaded = await json_body(http, AvatarBody), frozenset()
+        body, uploaded, form = await read_body(http, service, files, AvatarBody, {"video": "video_path"})
+        if uploaded:
+            # The avatar refers to its video for every later request: keep it outside the upload folder.
+            staged = form.files["video"]
+            files.avatar_video = service.avatar_video_path(staged.suffix)
+            shutil.move(staged, files.avatar_video)
+            body = body.model_copy(update={"video_path": str(files.avatar_video)})
         request = await anyio.to_thread.run_sync(checked_avatar_request, service, body, uploaded)
     except BaseException:
         if files.upload_dir is not None:

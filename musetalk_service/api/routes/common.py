@@ -1,15 +1,19 @@
-"""What the route modules share: OpenAPI error and body documentation, the `Service`, and waiting
-for a job the request itself waits on."""
+"""What the route modules share: OpenAPI error and body documentation, the `Service`, reading a
+job's body (JSON or multipart with uploads), and waiting for a job the request itself waits on."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import anyio
 import pydantic
 from fastapi import Request
 
 from musetalk_service.api.jobs import Job, ShuttingDown
+from musetalk_service.api.requests import body_from_form, json_body
 from musetalk_service.api.schemas import ErrorResponse
-from musetalk_service.api.service import Service
+from musetalk_service.api.service import JobFiles, Service
+from musetalk_service.api.uploads import ReceivedForm, is_multipart, receive_form
 
 
 def error_docs(*statuses: int) -> dict:
@@ -55,6 +59,22 @@ def body_doc(model: type[pydantic.BaseModel], files: str) -> dict:
 
 
 SUBMIT_ERRORS = error_docs(400, 401, 403, 404, 413, 422, 429, 503, 500)
+
+
+async def read_body(
+    http: Request, service: Service, files: JobFiles, model: type[pydantic.BaseModel], file_paths: dict[str, str]
+) -> tuple[Any, frozenset[str], ReceivedForm | None]:
+    """The job's options as `model`, from a JSON body, or from a multipart form whose files
+    (`file_paths`: form field -> body field) are saved in a new upload folder recorded in `files`.
+    Returns the body, the body fields an upload filled, and the form (None for JSON)."""
+    if not is_multipart(http):
+        return await json_body(http, model), frozenset(), None
+    files.upload_dir = service.upload_folder()
+    form = await receive_form(
+        http, files.upload_dir, max_bytes=service.settings.limits.max_upload_bytes, file_fields=tuple(file_paths)
+    )
+    body, uploaded = body_from_form(form, model, file_paths)
+    return body, uploaded, form
 
 
 def get_service(http: Request) -> Service:

@@ -13,11 +13,10 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from musetalk_service.api.errors import error_response
 from musetalk_service.api.jobs import Job, JobNotFound, JobStatus
-from musetalk_service.api.requests import body_from_form, checked_request, json_body
-from musetalk_service.api.routes.common import SUBMIT_ERRORS, body_doc, error_docs, get_service, raise_failure, wait_for
+from musetalk_service.api.requests import checked_request
+from musetalk_service.api.routes.common import SUBMIT_ERRORS, body_doc, error_docs, get_service, raise_failure, read_body, wait_for
 from musetalk_service.api.schemas import JobAccepted, JobResponse, LipsyncBody, LipsyncResponse
 from musetalk_service.api.service import JobFiles, Service
-from musetalk_service.api.uploads import is_multipart, receive_form
 
 router = APIRouter()
 
@@ -97,17 +96,9 @@ async def lipsync(http: Request) -> Any:
 
 async def _submit_lipsync(service: Service, http: Request) -> Job:
     service.require_loaded()
-    settings = service.settings
     files = JobFiles()
     try:
-        if is_multipart(http):
-            files.upload_dir = service.upload_folder()
-            form = await receive_form(
-                http, files.upload_dir, max_bytes=settings.limits.max_upload_bytes, file_fields=("video", "audio")
-            )
-            body, uploaded = body_from_form(form, LipsyncBody, {"video": "video_path", "audio": "audio_path"})
-        else:
-            body, uploaded = await json_body(http, LipsyncBody), frozenset()
+        body, uploaded, _ = await read_body(http, service, files, LipsyncBody, {"video": "video_path", "audio": "audio_path"})
         request = await anyio.to_thread.run_sync(checked_request, service, body, uploaded)
         if body.output_path is None:
             files.auto_output = request.output_path
