@@ -136,6 +136,12 @@ class Settings(BaseSettings):
 
     models_dir: Path = Field(Path("models"), description="The weights folder (layout in models/README.md).")
     device: str = Field("auto", description="auto: cuda:0 when CUDA is available, else cpu.")
+    compose: Literal["auto", "device", "numpy"] = Field(
+        "auto",
+        description="Where generated faces are blended into the frames. device: torch on the model "
+        "device, handing the encoder yuv420p; numpy: on the CPU (the fallback). auto: device on "
+        "CUDA, numpy on CPU (faster there than torch's CPU kernels).",
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     work_dir: Path | None = Field(None, description="Where per-request temp files go; unset: the system temp dir.")
@@ -174,6 +180,10 @@ class Settings(BaseSettings):
         import torch  # local: settings must import without torch for media-only tools
 
         return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+    def composes_on_device(self, device: str) -> bool:
+        """Whether frames are composed with torch on `device` (the model device) rather than numpy."""
+        return device.startswith("cuda") if self.compose == "auto" else self.compose == "device"
 
 
 _config_override: Path | None = None

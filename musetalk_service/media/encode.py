@@ -23,6 +23,7 @@ from musetalk_service.media.ffmpeg import (
     file_arg,
     run_ffmpeg,
 )
+from musetalk_service.media.rawvideo import PIX_FMTS, frame_bytes
 from musetalk_service.settings import EncodeSettings
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,6 @@ _OUTPUT_COLOUR = [
     "-colorspace", "bt709", "-color_primaries", "bt709", "-color_trc", "bt709", "-color_range", "tv",
 ]  # fmt: skip
 
-INPUT_PIX_FMTS = ("bgr24", "yuv420p")
 
 
 @dataclass(frozen=True)
@@ -137,8 +137,8 @@ class VideoEncoder:
         ffmpeg: str,
         input_pix_fmt: str = "bgr24",
     ):
-        if input_pix_fmt not in INPUT_PIX_FMTS:
-            raise ValueError(f"input_pix_fmt must be one of {INPUT_PIX_FMTS}, not {input_pix_fmt!r}")
+        if input_pix_fmt not in PIX_FMTS:
+            raise ValueError(f"input_pix_fmt must be one of {PIX_FMTS}, not {input_pix_fmt!r}")
         if width < 2 or height < 2:
             raise ValueError(f"frame size {width}x{height} is too small to encode")
         self.path = ensure_writable_dir(path)
@@ -228,16 +228,10 @@ def frame_data(frames, input_pix_fmt: str, width: int, height: int) -> tuple[np.
         if batch.dtype != np.uint8 or batch.shape[1:] != (height, width, 3):
             raise ValueError(f"expected uint8 frames [b, {height}, {width}, 3], got {batch.dtype} {list(frames.shape)}")
         return np.ascontiguousarray(batch).reshape(-1), batch.shape[0]
-    frame_bytes = _frame_bytes(input_pix_fmt, width, height)
+    size = frame_bytes(input_pix_fmt, width, height)
     data = memoryview(np.ascontiguousarray(frames) if isinstance(frames, np.ndarray) else frames).cast("B")
-    count, leftover = divmod(data.nbytes, frame_bytes)
+    count, leftover = divmod(data.nbytes, size)
     if leftover:
-        raise ValueError(f"{data.nbytes} bytes is not a whole number of {frame_bytes}-byte frames")
+        raise ValueError(f"{data.nbytes} bytes is not a whole number of {size}-byte frames")
     return data, count
 
-
-def _frame_bytes(pix_fmt: str, width: int, height: int) -> int:
-    if pix_fmt == "yuv420p":
-        # Chroma planes round odd sides up.
-        return width * height + 2 * ((width + 1) // 2) * ((height + 1) // 2)
-    return width * height * 3

@@ -31,6 +31,9 @@ _MAX_SANE_FPS = 1000
 # An average rate within this relative distance of the nominal (r_frame_rate) one is the nominal
 # rate measured with rounding; the nominal rate is exact (30000/1001, not 2997/100).
 _NOMINAL_SNAP = Fraction(1, 200)
+# libavutil's AVColorSpace and AVColorRange codes, by ffmpeg's option names (av gives the codes).
+_COLORSPACES = {0: "gbr", 1: "bt709", 2: "unspecified", 4: "fcc", 5: "bt470bg", 6: "smpte170m", 7: "smpte240m", 9: "bt2020nc", 10: "bt2020c"}
+_COLOR_RANGES = {0: "unspecified", 1: "tv", 2: "pc"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,24 @@ class VideoInfo:
     stream_index: int
     """Absolute index of the stream in the container (for `-map 0:<index>`)."""
     is_image: bool = False
+    colorspace: str = "unspecified"
+    """YCbCr matrix the stream is tagged with, in ffmpeg's names ('bt709', 'bt470bg', ...)."""
+    color_range: str = "unspecified"
+    """'tv' (limited), 'pc' (full) or 'unspecified'."""
+
+    @property
+    def is_bt709_yuv420p(self) -> bool:
+        """Whether the decoded planes already are what the encoder writes (8-bit 4:2:0, BT.709,
+        limited range, even sides), so they can pass through untouched. An untagged stream counts
+        as BT.709 limited, as HD players show it and as `media.decode` converts it. (ffmpeg trims
+        an odd side of yuv420p output: such a stream goes through BGR, which keeps it.)"""
+        return (
+            self.pix_fmt == "yuv420p"
+            and self.width % 2 == 0
+            and self.height % 2 == 0
+            and self.colorspace in ("bt709", "unspecified")
+            and self.color_range in ("tv", "unspecified")
+        )
 
 
 @dataclass(frozen=True)
@@ -187,6 +208,8 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
             rotation=rotation,
             stream_index=stream.index,
             is_image=_is_image(container),
+            colorspace=_COLORSPACES.get(first.colorspace, "other"),
+            color_range=_COLOR_RANGES.get(first.color_range, "other"),
         )
 
 

@@ -12,7 +12,7 @@ Everything is BGR uint8 numpy; no PIL, no full-frame copies.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -298,7 +298,7 @@ class FaceBlender:
         self, frames: Sequence[np.ndarray], boxes: Sequence[FaceBox | None], source_indices: Sequence[int]
     ) -> None:
         """Compute the masks these frames need (one batched BiSeNet pass) without blending."""
-        self._compute_missing(frames, boxes, self._keys(source_indices))
+        self._compute_missing(frames.__getitem__, boxes, self._keys(source_indices))
 
     def export_masks(self) -> dict[int, MaskEntry]:
         """Every mask held, as plain `(values, top, left, side)` tuples keyed like the cache."""
@@ -326,7 +326,7 @@ class FaceBlender:
         if the fast blend fails on a frame, that frame is redone with a fresh mask.
         """
         keys = self._keys(source_indices)
-        self._compute_missing(frames, boxes, keys)
+        self._compute_missing(frames.__getitem__, boxes, keys)
         for frame, face, box, key, index in zip(frames, faces, boxes, keys, source_indices):
             if box is None:
                 continue
@@ -337,26 +337,32 @@ class FaceBlender:
         return frames
 
     def regions(
-        self, frames: Sequence[np.ndarray], boxes: Sequence[FaceBox | None], source_indices: Sequence[int]
+        self,
+        frame_shape: tuple[int, ...],
+        boxes: Sequence[FaceBox | None],
+        source_indices: Sequence[int],
+        frame_at: Callable[[int], np.ndarray],
     ) -> list[PasteRegion | None]:
         """Where and with which mask `blend_batch` would blend each frame's face, for another
         compositor (`compose.GpuComposer`) to blend with the very same alpha.
 
-        Frames are only read (they must hold the original source pixels). Missing masks are parsed
-        and cached as for `blend_batch`; a frame whose region can't be had from its cached mask gets
-        a fresh mask (counted in `fallbacks`). None for a frame with no box or nothing to blend.
+        `frame_shape`: (H, W, ...) of every frame. `frame_at(k)`: frame k as the original BGR
+        source pixels `[H, W, 3]`, called only for the frames whose mask must be parsed (missing
+        masks are parsed and cached as for `blend_batch`; a frame whose region can't be had from
+        its cached mask gets a fresh mask, counted in `fallbacks`), so a compositor that holds
+        frames in another form converts only those. None for a frame with no box or nothing to blend.
         """
         keys = self._keys(source_indices)
-        self._compute_missing(frames, boxes, keys)
+        self._compute_missing(frame_at, boxes, keys)
         out: list[PasteRegion | None] = []
-        for frame, box, key, index in zip(frames, boxes, keys, source_indices):
+        for k, (box, key, index) in enumerate(zip(boxes, keys, source_indices)):
             if box is None:
                 out.append(None)
                 continue
             try:
-                out.append(_paste_region(frame.shape, box, self._cached(key)))
+                out.append(_paste_region(frame_shape, box, self._cached(key)))
             except Exception as exc:  # noqa: BLE001 - as in blend_batch
-                out.append(_paste_region(frame.shape, box, self._refresh_mask(frame, box, key, index, exc)))
+                out.append(_paste_region(frame_shape, box, self._refresh_mask(frame_at(k), box, key, index, exc)))
         return out
 
     def _keys(self, source_indices: Sequence[int]) -> list[int]:
@@ -372,7 +378,7 @@ class FaceBlender:
         self._masks[key] = _CachedMask.from_square(self.parser([frame], [box])[0])
         return self._masks[key]
 
-    def _compute_missing(self, frames: Sequence[np.ndarray], boxes: Sequence[FaceBox | None], keys: list[int]) -> None:
+    def _compute_missing(self, frame_at: Callable[[int], np.ndarray], boxes: Sequence[FaceBox | None], keys: list[int]) -> None:
         if not self.retain:
             needed = set(keys)
             self._masks = {k: v for k, v in self._masks.items() if k in needed}
@@ -383,7 +389,7 @@ class FaceBlender:
         if not todo:
             return
         positions = list(todo.values())
-        masks = self.parser([frames[p] for p in positions], [boxes[p] for p in positions])
+        masks = self.parser([frame_at(p) for p in positions], [boxes[p] for p in positions])
         for key, mask in zip(todo, masks):
             self._masks[key] = _CachedMask.from_square(mask)
 

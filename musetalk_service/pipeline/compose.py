@@ -1,12 +1,17 @@
-"""Compose phase on the device: paste the generated faces into their frames and convert to yuv420p.
+"""Compose phase on the device: paste the generated faces into their frames, output yuv420p.
 
 The numpy blend (`blend.FaceBlender.blend_batch`) costs a few ms of one CPU core per 1080p frame,
 and a bgr24 input pipe halves one libx264 encoder's speed (the conversion inside ffmpeg and twice
-the bytes: docs field notes, section 2). On a GPU both are a few kernels: `GpuComposer` uploads
-each batch of frames once, blends the faces with the same cached face-parsing masks as the numpy
-path (`FaceBlender.regions`, so both use identical alpha), converts to BT.709 limited-range
-yuv420p and downloads one buffer, half the bytes of bgr24, that
-`media.encode.VideoEncoder(input_pix_fmt='yuv420p')` writes to ffmpeg as it is.
+the bytes: docs field notes, section 2). On a GPU both are a few kernels. `GpuComposer` blends the
+faces with the same cached face-parsing masks as the numpy path (`FaceBlender.regions`, so both use
+identical alpha) and hands `media.encode.VideoEncoder(input_pix_fmt='yuv420p')` BT.709
+limited-range yuv420p, half the bytes of bgr24, in one of two ways:
+
+- `compose`: BGR frames (a new video, whose face phase needs BGR) are uploaded whole, blended and
+  converted on the device, and come back as one yuv420p buffer.
+- `compose_yuv`: yuv420p frames, the decoder's own planes (a prepared avatar's video): only the
+  tiles under the blend masks go to the device and back, converted to BGR, blended and converted
+  back there; every other pixel stays as decoded, bit for bit, and never leaves host memory.
 
 The torch code runs on any device; on CPU it is the reference the tests compare, not a fast path.
 """
@@ -21,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from musetalk_service.media.rawvideo import yuv420p_frame_bytes
 from musetalk_service.pipeline.blend import ALPHA_SCALE, FaceBlender, PasteRegion
 from musetalk_service.pipeline.request import FaceBox
 
@@ -37,15 +43,19 @@ def _bt709_rows() -> tuple[tuple[tuple[float, float, float], float], ...]:
 
 _Y, _U, _V = _bt709_rows()
 
+
+def _bt709_inverse() -> tuple[tuple[float, float, float], ...]:
+    """Weights of (Y - 16, U - 128, V - 128) in B, G and R: the inverse of the rows above."""
+    forward = np.array([row for row, _ in (_Y, _U, _V)], dtype=np.float64)  # [YUV, BGR]
+    inverse = np.linalg.inv(forward)  # [BGR, YUV]
+    return tuple(tuple(float(w) for w in row) for row in inverse)
+
+
+_BGR_FROM_YUV = _bt709_inverse()
+
 _CHUNK_PIXELS = 1 << 23
 """Pixels converted at once (four 1080p frames): bounds the float32 temporaries to about 0.25 GB
 whatever the batch size, while keeping kernel launches per frame few."""
-
-
-def yuv420p_frame_bytes(width: int, height: int) -> int:
-    """Bytes of one yuv420p frame as ffmpeg's rawvideo lays it out: Y, then U and V planes of
-    ceil(width / 2) x ceil(height / 2)."""
-    return width * height + 2 * ((width + 1) // 2) * ((height + 1) // 2)
 
 
 def bgr_to_yuv420p(frames: torch.Tensor) -> torch.Tensor:
@@ -82,6 +92,37 @@ def bgr_to_yuv420p(frames: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def yuv420p_to_bgr(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """yuv420p planes -> BGR uint8 `[..., h, w, 3]`, same device: the inverse of `bgr_to_yuv420p`.
+
+    `y`: uint8 `[..., h, w]`; `u`, `v`: `[..., ceil(h/2), ceil(w/2)]`, each sample standing for its
+    2x2 block (nearest upsampling, the blocks `bgr_to_yuv420p` averages over). BT.709 limited
+    range, rounded to the nearest level and clamped to 0..255 (a subsampled chroma next to a sharp
+    edge can fall outside the RGB cube). Element-wise, for the reason `_levels` gives.
+    """
+    h, w = y.shape[-2:]
+
+    def upsampled(plane: torch.Tensor) -> torch.Tensor:
+        return plane.float().sub_(128).repeat_interleave(2, -2).repeat_interleave(2, -1)[..., :h, :w]
+
+    luma, pb, pr = y.float().sub_(16), upsampled(u), upsampled(v)
+    channels = [
+        (luma * wy).add_(pb, alpha=wu).add_(pr, alpha=wv).add_(0.5).clamp_(0, 255) for wy, wu, wv in _BGR_FROM_YUV
+    ]
+    return torch.stack(channels, dim=-1).to(torch.uint8)  # the truncating cast after +0.5 rounds
+
+
+def yuv420p_planes(frame: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Views of the Y `[H, W]`, U and V `[ceil(H/2), ceil(W/2)]` planes of one frame's yuv420p bytes."""
+    ch, cw = (height + 1) // 2, (width + 1) // 2
+    luma, chroma = width * height, ch * cw
+    return (
+        frame[:luma].reshape(height, width),
+        frame[luma : luma + chroma].reshape(ch, cw),
+        frame[luma + chroma : luma + 2 * chroma].reshape(ch, cw),
+    )
+
+
 def _levels(bgr: Sequence[torch.Tensor], row: tuple[tuple[float, float, float], float]) -> torch.Tensor:
     """One plane as float32 values + 0.5, ready for a truncating copy into uint8 (= round half up).
 
@@ -105,15 +146,37 @@ class ComposedBatch:
     bgr: np.ndarray | None
 
 
+@dataclass(frozen=True)
+class _Tile:
+    """The part of a yuv420p frame one face is blended into: the paste region grown to even
+    rows and columns (whole chroma samples)."""
+
+    row: int
+    face: int
+    region: PasteRegion
+    top: int
+    bottom: int
+    left: int
+    right: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.bottom - self.top, self.right - self.left
+
+    @property
+    def chroma(self) -> tuple[slice, slice]:
+        """Rows and columns of the tile in the frame's U and V planes."""
+        return slice(self.top // 2, (self.bottom + 1) // 2), slice(self.left // 2, (self.right + 1) // 2)
+
+
 class GpuComposer:
-    """Blends generated faces into frames on `device` and converts them to yuv420p there.
+    """Blends generated faces into frames on `device` and gives the frames as yuv420p.
 
     Masks come from `blender` (its cache, its parser, its fallback count): the regions and alpha
     are the numpy path's own, and only the face resize differs, by at most one level per pixel
     (cv2's fixed-point INTER_LINEAR against float bilinear with the same pixel-centre convention,
     upscaling and downscaling alike; about 1 pixel in 8 differs), so the composites differ by at
-    most one level. The caller's frames are only read, never written, so a source frame output
-    more than once needs no copy.
+    most one level.
 
     On CUDA the work runs on the composer's own stream, so it overlaps the UNet on the default
     stream; host buffers are pinned for asynchronous copies and reused from call to call.
@@ -136,10 +199,11 @@ class GpuComposer:
         ready: torch.cuda.Event | None = None,
         bgr: bool = False,
     ) -> ComposedBatch:
-        """Compose a batch and return it as yuv420p (and as BGR with `bgr=True`).
+        """Compose a batch of BGR frames and return it as yuv420p (and as BGR with `bgr=True`).
 
-        `frames`: the original frames, uint8 BGR `[n, H, W, 3]`. `faces`: the generated faces,
-        BGR `[k, 256, 256, 3]` uint8 (or float levels 0..255), on any device, one per box that is
+        `frames`: the original frames, uint8 BGR `[n, H, W, 3]`, only read, never written (a
+        source frame output more than once needs no copy). `faces`: the generated faces, BGR
+        `[k, 256, 256, 3]` uint8 (or float levels 0..255), on any device, one per box that is
         not None, in order (None when every box is None). `boxes`, `source_indices`: one per frame,
         as for `FaceBlender.blend_batch`; frames whose box is None pass through unchanged.
         `ready`: a CUDA event recorded after `faces` was produced; without one, a device tensor
@@ -147,64 +211,140 @@ class GpuComposer:
         """
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
             raise ValueError(f"expected uint8 frames [n, H, W, 3], got {frames.dtype} {list(frames.shape)}")
-        if not len(frames) == len(boxes) == len(source_indices):
-            raise ValueError(f"{len(frames)} frames, {len(boxes)} boxes, {len(source_indices)} source indices")
-        with_face = [k for k, box in enumerate(boxes) if box is not None]
-        if len(with_face) != (0 if faces is None else len(faces)):
-            raise ValueError(f"{len(with_face)} boxes but {0 if faces is None else len(faces)} faces")
-        if self._cuda:
-            if ready is not None:
-                self._stream.wait_event(ready)
-            elif isinstance(faces, torch.Tensor) and faces.is_cuda:
-                self._stream.wait_stream(torch.cuda.current_stream(self.device))
-        context = torch.cuda.stream(self._stream) if self._cuda else contextlib.nullcontext()
-        with context, torch.inference_mode():
+        with_face = self._check_counts(len(frames), faces, boxes, source_indices)
+        with self._on_stream(faces, ready):
             # Inside the stream too: a BiSeNet pass for new masks need not queue behind the UNet.
-            regions = self.blender.regions(frames, boxes, source_indices)
-            staged = self._host_buffer("frames", frames.nbytes).view(frames.shape)
-            np.copyto(staged.numpy(), frames)
-            on_device = staged.to(self.device, non_blocking=True)  # on CPU: the staging buffer itself
-            if with_face:
-                self._paste_all(on_device, faces, with_face, boxes, regions)
+            regions = self.blender.regions(frames.shape[1:], boxes, source_indices, frames.__getitem__)
+            # Uploaded straight from the caller's pages: a pinned staging copy would cost the same
+            # memcpy and hold a batch of frames (200 MB at 1080p) for good. On CPU (and for a
+            # read-only array, which torch won't wrap), a copy to blend into.
+            writable = frames if self._cuda and frames.flags.writeable else frames.copy()
+            on_device = torch.from_numpy(writable).to(self.device)
+            pasted = [(face, row) for face, row in enumerate(with_face) if regions[row] is not None]
+            if pasted:
+                device_faces, alphas = self._upload_faces_and_alphas(faces, [regions[row] for _, row in pasted])
+                for (face, row), alpha in zip(pasted, alphas):
+                    region = regions[row]
+                    original = on_device[row, region.top : region.bottom, region.left : region.right]
+                    _blend_into(original, device_faces[face], boxes[row], region, alpha)
             yuv = bgr_to_yuv420p(on_device).view(-1)
             host_yuv = self._host_buffer("yuv", yuv.numel())
             host_yuv.copy_(yuv, non_blocking=True)
             composite = on_device.cpu().numpy() if bgr else None
-        if self._cuda:
-            self._stream.synchronize()
         return ComposedBatch(host_yuv.numpy(), composite)
 
-    def _paste_all(
+    def compose_yuv(
         self,
-        frames: torch.Tensor,
-        faces: torch.Tensor | np.ndarray,
-        rows: list[int],
+        frames: np.ndarray,
+        width: int,
+        height: int,
+        faces: torch.Tensor | np.ndarray | None,
         boxes: Sequence[FaceBox | None],
-        regions: list[PasteRegion | None],
-    ) -> None:
-        """Blend face j into `frames[rows[j]]` in place, where that frame's region says."""
-        present = [regions[row] for row in rows if regions[row] is not None]
-        if not present:
+        source_indices: Sequence[int],
+        *,
+        ready: torch.cuda.Event | None = None,
+    ) -> np.ndarray:
+        """Blend the generated faces into yuv420p frames in place, and return `frames`.
+
+        `frames`: uint8 `[n, yuv420p_frame_bytes(width, height)]`, BT.709 limited range, written
+        in place (each row must be the caller's own, holding the original source pixels). Only
+        the tile of each frame under its blend mask moves: converted to BGR there
+        (`yuv420p_to_bgr`), blended as `compose` blends, converted back (`bgr_to_yuv420p`). A luma
+        sample whose alpha is 0, and a chroma sample none of whose four pixels has alpha above 0,
+        keep their decoded value exactly, so nothing outside the blended pixels changes by
+        a level. `faces` ... `ready`: as for `compose`.
+        """
+        if frames.dtype != np.uint8 or frames.ndim != 2 or frames.shape[1] != yuv420p_frame_bytes(width, height):
+            raise ValueError(
+                f"expected uint8 yuv420p frames [n, {yuv420p_frame_bytes(width, height)}] for {width}x{height}, "
+                f"got {frames.dtype} {list(frames.shape)}"
+            )
+        with_face = self._check_counts(len(frames), faces, boxes, source_indices)
+
+        def frame_at(k: int) -> np.ndarray:
+            planes = (torch.from_numpy(p) for p in yuv420p_planes(frames[k], width, height))
+            return yuv420p_to_bgr(*planes).numpy()
+
+        with self._on_stream(faces, ready):
+            regions = self.blender.regions((height, width), boxes, source_indices, frame_at)
+            tiles = self._tiles(with_face, regions, width, height)
+            if not tiles:
+                return frames
+            # All tiles in one padded batch, so the work is a fixed number of kernels per batch
+            # rather than per face (one by one, kernel launches cost 1.6 ms of CPU a frame).
+            rows = max(t.shape[0] for t in tiles) + 1 & ~1
+            cols = max(t.shape[1] for t in tiles) + 1 & ~1
+            host = _TileBatch(self._host_buffer("tiles", _TileBatch.nbytes(len(tiles), rows, cols)), len(tiles), rows, cols)
+            host.masks.zero_()
+            for k, tile in enumerate(tiles):
+                for plane, padded in zip(self._frame_tile(frames, tile, width, height), host.tile_planes(k, tile)):
+                    np.copyto(padded.numpy(), plane)
+                h, w = tile.region.bottom - tile.region.top, tile.region.right - tile.region.left
+                r, c = tile.region.top - tile.top, tile.region.left - tile.left
+                host.masks[k, r : r + h, c : c + w].numpy()[...] = tile.region.mask
+            device = _TileBatch(host.buffer.to(self.device, non_blocking=True), len(tiles), rows, cols)
+            device_faces = torch.as_tensor(faces).to(self.device, non_blocking=True)
+            _blend_tiles(device, tiles, device_faces, boxes)
+            if device.buffer is not host.buffer:  # on CPU the same buffer
+                host.planes_bytes().copy_(device.planes_bytes(), non_blocking=True)
+        for k, tile in enumerate(tiles):  # the stream is synchronised: the tiles are back in `host`
+            for plane, padded in zip(self._frame_tile(frames, tile, width, height), host.tile_planes(k, tile)):
+                np.copyto(plane, padded.numpy())
+        return frames
+
+    @staticmethod
+    def _check_counts(n: int, faces, boxes: Sequence[FaceBox | None], source_indices: Sequence[int]) -> list[int]:
+        """The rows with a face; raises ValueError when the counts disagree."""
+        if not n == len(boxes) == len(source_indices):
+            raise ValueError(f"{n} frames, {len(boxes)} boxes, {len(source_indices)} source indices")
+        with_face = [k for k, box in enumerate(boxes) if box is not None]
+        if len(with_face) != (0 if faces is None else len(faces)):
+            raise ValueError(f"{len(with_face)} boxes but {0 if faces is None else len(faces)} faces")
+        return with_face
+
+    @contextlib.contextmanager
+    def _on_stream(self, faces, ready: torch.cuda.Event | None):
+        """Run the block on the composer's stream, after `faces` is ready; synchronise at the end."""
+        if not self._cuda:
+            with torch.inference_mode():
+                yield
             return
-        faces = torch.as_tensor(faces).to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
-        # All masks in one upload, scaled to alpha on the device exactly as the numpy path does.
-        flat = np.concatenate([r.mask.ravel() for r in present])
+        if ready is not None:
+            self._stream.wait_event(ready)
+        elif isinstance(faces, torch.Tensor) and faces.is_cuda:
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._stream), torch.inference_mode():
+            yield
+        self._stream.synchronize()
+
+    def _upload_faces_and_alphas(self, faces, regions: list[PasteRegion]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The faces as float `[k, 3, 256, 256]` on the device, and each region's alpha `[h, w, 1]`
+        (all masks in one upload, scaled on the device exactly as the numpy path does)."""
+        device_faces = torch.as_tensor(faces).to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        flat = np.concatenate([r.mask.ravel() for r in regions])
         alphas = torch.from_numpy(flat).to(self.device, non_blocking=True).float().mul_(float(ALPHA_SCALE))
-        alphas = iter(alphas.split([r.mask.size for r in present]))
-        for face, row in zip(faces, rows):
-            region, box = regions[row], boxes[row]
-            if region is None:
-                continue
-            alpha = next(alphas).view(region.bottom - region.top, region.right - region.left, 1)
-            x1, y1, x2, y2 = box
-            resized = F.interpolate(face[None], size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=False)[0]
-            # cv2 hands the numpy path a uint8 face: round to levels as it does.
-            generated = resized[:, region.top - y1 : region.bottom - y1, region.left - x1 : region.right - x1]
-            generated = generated.permute(1, 2, 0).round()
-            original = frames[row, region.top : region.bottom, region.left : region.right]
-            base = original.float()
-            # The numpy path's float32 steps in its order; +0.5 then the truncating copy rounds.
-            original.copy_(generated.sub_(base).mul_(alpha).add_(base).add_(0.5))
+        shapes = [(r.bottom - r.top, r.right - r.left, 1) for r in regions]
+        return device_faces, [a.view(shape) for a, shape in zip(alphas.split([r.mask.size for r in regions]), shapes)]
+
+    @staticmethod
+    def _tiles(with_face: list[int], regions: list[PasteRegion | None], width: int, height: int) -> list[_Tile]:
+        tiles = []
+        for face, row in enumerate(with_face):
+            region = regions[row]
+            if region is not None:
+                tiles.append(_Tile(
+                    row, face, region,
+                    top=region.top - region.top % 2, bottom=min(height, region.bottom + region.bottom % 2),
+                    left=region.left - region.left % 2, right=min(width, region.right + region.right % 2),
+                ))  # fmt: skip
+        return tiles
+
+    @staticmethod
+    def _frame_tile(frames: np.ndarray, tile: _Tile, width: int, height: int) -> list[np.ndarray]:
+        """Views of the tile's Y, U and V samples in its frame."""
+        y, u, v = yuv420p_planes(frames[tile.row], width, height)
+        rows, cols = tile.chroma
+        return [y[tile.top : tile.bottom, tile.left : tile.right], u[rows, cols], v[rows, cols]]
 
     def _host_buffer(self, name: str, nbytes: int) -> torch.Tensor:
         """A reusable uint8 host buffer of `nbytes` (pinned on CUDA), grown when too small.
@@ -217,3 +357,86 @@ class GpuComposer:
             buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self._cuda)
             self._host[name] = buffer
         return buffer[:nbytes]
+
+
+def _blend_into(original: torch.Tensor, face: torch.Tensor, box: FaceBox, region: PasteRegion, alpha: torch.Tensor) -> None:
+    """Blend `face` (float `[3, 256, 256]`), resized to `box`, into `original`, the BGR uint8
+    pixels of `region` (`[h, w, 3]`, a view written in place), with `alpha` `[h, w, 1]`."""
+    x1, y1, x2, y2 = box
+    resized = F.interpolate(face[None], size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=False)[0]
+    # cv2 hands the numpy path a uint8 face: round to levels as it does.
+    generated = resized[:, region.top - y1 : region.bottom - y1, region.left - x1 : region.right - x1]
+    generated = generated.permute(1, 2, 0).round()
+    base = original.float()
+    # The numpy path's float32 steps in its order; +0.5 then the truncating copy rounds.
+    original.copy_(generated.sub_(base).mul_(alpha).add_(base).add_(0.5))
+
+
+class _TileBatch:
+    """Views of one buffer holding a batch of tiles padded to `rows` x `cols` (both even): Y
+    `[n, rows, cols]`, U and V `[n, rows / 2, cols / 2]`, then the blend masks `[n, rows, cols]`
+    (uint8, zero outside each region), each tile in the top-left corner of its slot."""
+
+    def __init__(self, buffer: torch.Tensor, n: int, rows: int, cols: int):
+        self.buffer = buffer
+        luma, chroma = n * rows * cols, n * rows * cols // 4
+        y, u, v, masks = buffer.split([luma, chroma, chroma, luma])
+        self.y, self.masks = y.view(n, rows, cols), masks.view(n, rows, cols)
+        self.u, self.v = u.view(n, rows // 2, cols // 2), v.view(n, rows // 2, cols // 2)
+        self._planes_bytes = luma + 2 * chroma
+
+    @staticmethod
+    def nbytes(n: int, rows: int, cols: int) -> int:
+        return n * rows * cols * 3 // 2 + n * rows * cols
+
+    def planes_bytes(self) -> torch.Tensor:
+        """The Y, U and V part of the buffer (what goes back to the frames)."""
+        return self.buffer[: self._planes_bytes]
+
+    def tile_planes(self, k: int, tile: _Tile) -> list[torch.Tensor]:
+        """Tile k's Y `[h, w]`, U and V `[ceil(h/2), ceil(w/2)]` within its padded slot."""
+        h, w = tile.shape
+        ch, cw = (h + 1) // 2, (w + 1) // 2
+        return [self.y[k, :h, :w], self.u[k, :ch, :cw], self.v[k, :ch, :cw]]
+
+
+def _blend_tiles(batch: _TileBatch, tiles: list[_Tile], faces: torch.Tensor, boxes: Sequence[FaceBox | None]) -> None:
+    """Blend each tile's face into its planes in `batch`, in place (see `GpuComposer.compose_yuv`).
+
+    The faces are resized with `grid_sample` rather than `F.interpolate`, one size for the whole
+    batch: a sampling grid per tile puts each tile pixel where interpolate would (half-pixel
+    centres, scale = 256 / box side, clamped at the border), so the result is the same bilinear
+    resize, to float rounding, as `_blend_into`'s.
+    """
+    n, rows, cols = batch.y.shape
+    device = batch.y.device
+    bgr = yuv420p_to_bgr(batch.y, batch.u, batch.v)
+    # Per tile: the tile's origin relative to its box, and the box's size.
+    params = [(t.top - boxes[t.row][1], boxes[t.row][3] - boxes[t.row][1], t.left - boxes[t.row][0], boxes[t.row][2] - boxes[t.row][0]) for t in tiles]
+    oy, bh, ox, bw = torch.tensor(params, dtype=torch.float32).to(device, non_blocking=True).unbind(1)
+    gy = (torch.arange(rows, device=device)[None] + oy[:, None] + 0.5).mul_(2 / bh[:, None]).sub_(1)
+    gx = (torch.arange(cols, device=device)[None] + ox[:, None] + 0.5).mul_(2 / bw[:, None]).sub_(1)
+    grid = torch.stack([gx[:, None, :].expand(n, rows, cols), gy[:, :, None].expand(n, rows, cols)], dim=-1)
+    chosen = faces[[t.face for t in tiles]].permute(0, 3, 1, 2).float()
+    generated = F.grid_sample(chosen, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    # cv2 hands the numpy path a uint8 face: round to levels as it does.
+    generated = generated.permute(0, 2, 3, 1).round_()
+    alpha = batch.masks.float().mul_(float(ALPHA_SCALE))[..., None]
+    base = bgr.float()
+    # The numpy path's float32 steps in its order; +0.5 then the truncating cast rounds.
+    blended = generated.sub_(base).mul_(alpha).add_(base).add_(0.5).to(torch.uint8)
+    for k, tile in enumerate(tiles):
+        # An odd side (at an odd frame's edge): its 2x2 blocks repeat the last row/column, as
+        # `bgr_to_yuv420p` does for a whole frame.
+        h, w = tile.shape
+        if h % 2:
+            blended[k, h, : w + 1] = blended[k, h - 1, : w + 1]
+        if w % 2:
+            blended[k, : h + 1, w] = blended[k, : h + 1, w - 1]
+    new_y, new_u, new_v = bgr_to_yuv420p(blended).split([rows * cols, rows * cols // 4, rows * cols // 4], dim=1)
+    changed = batch.masks > 0
+    batch.y.copy_(torch.where(changed, new_y.view(n, rows, cols), batch.y))
+    # A chroma sample changes when any pixel of its 2x2 block does.
+    block = changed.view(n, rows // 2, 2, cols // 2, 2).any(dim=4).any(dim=2)
+    batch.u.copy_(torch.where(block, new_u.view(batch.u.shape), batch.u))
+    batch.v.copy_(torch.where(block, new_v.view(batch.v.shape), batch.v))

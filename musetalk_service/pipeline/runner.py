@@ -142,13 +142,21 @@ class LipsyncPipeline:
         if builder is not None and request.face_box is None:
             # Whole tracking runs per batch: the boxes come out as a separate preparation's would.
             batch_size = -(-batch_size // PREP_BATCH) * PREP_BATCH
-        source = SourceFrames(request.video_path, video, fps, self.ffmpeg, work_dir, total, avatar.frame_count if avatar else None)
+        # On a GPU, compose there and hand ffmpeg yuv420p (half the bytes, no conversion in ffmpeg);
+        # on CPU the numpy blend is faster than torch's CPU kernels (settings.compose). A prepared
+        # avatar's frames need no face phase: when its video is BT.709 yuv420p, decode to the
+        # planes as they are (half the bytes of BGR through the decoder's pipe, no conversion there)
+        # and blend only the tiles under the masks (`GpuComposer.compose_yuv`).
+        on_device = self.settings.composes_on_device(str(self.models.device))
+        yuv_frames = on_device and avatar is not None and video.is_bt709_yuv420p
+        source = SourceFrames(
+            request.video_path, video, fps, self.ffmpeg, work_dir, total, avatar.frame_count if avatar else None,
+            pix_fmt="yuv420p" if yuv_frames else "bgr24",
+        )  # fmt: skip
         blender = FaceBlender(
             self.models, request, retain=source.needs_cycle or builder is not None, masks=avatar.masks if avatar else None
         )
-        # On a GPU, compose there and hand ffmpeg yuv420p (half the bytes, no conversion in ffmpeg);
-        # on CPU the numpy blend is faster than torch's CPU kernels (pipeline/compose.py).
-        composer = GpuComposer(blender, self.models.device) if self.models.device.type == "cuda" else None
+        composer = GpuComposer(blender, self.models.device) if on_device else None
         generate = generate_faces_tensor if composer is not None else generate_faces
         cached_latents = avatar.latents.to(self.models.device, self.models.dtype) if avatar else None
         boxes = avatar.boxes if avatar else builder.boxes
@@ -172,7 +180,10 @@ class LipsyncPipeline:
 
         def compose_and_encode(item) -> None:
             indices, sources, frames, rows, faces, ready = item
-            if composer is not None:
+            if yuv_frames:
+                with timer.phase("blend"):
+                    out = composer.compose_yuv(frames, video.width, video.height, faces, [boxes[j] for j in sources], sources, ready=ready)
+            elif composer is not None:
                 with timer.phase("blend"):
                     out = composer.compose(frames, faces, [boxes[j] for j in sources], sources, ready=ready).yuv
             else:
@@ -195,7 +206,7 @@ class LipsyncPipeline:
                 # faces took turns (80 fps on a new 1080p video on the H100).
                 faces_stage = Prefetch("musetalk-faces", locate_batches(reader), depth=depth) if builder is not None else None
                 batches = faces_stage if faces_stage is not None else ((i, s, f, None) for i, s, f, _ in reader)
-                writer = Consume("musetalk-encode", compose_and_encode)
+                writer = Consume("musetalk-encode", compose_and_encode, depth=depth)
                 try:
                     for indices, sources, frames, located in batches:
                         _check_cancel(cancel)
@@ -212,7 +223,7 @@ class LipsyncPipeline:
                                 picked = [sources[k] for k in rows]
                                 latents = cached_latents[picked] if builder is None else builder.latents(picked)
                                 faces = generate(self.models, latents, audio.windows([indices[k] for k in rows]))
-                                if composer is not None:
+                                if composer is not None and composer.device.type == "cuda":
                                     # The composer's stream waits for this event, not for the whole
                                     # device; waiting on it here keeps the UNet's busy time honest.
                                     ready = torch.cuda.Event()

@@ -26,12 +26,12 @@ def pingpong_index(i: int, n: int) -> int:
 
 
 class FrameStore:
-    """Append-only raw BGR frames in one file; random reads with pread (no mmap: keeps RSS flat)."""
+    """Append-only raw frames of one shape in one file; random reads with pread (no mmap: keeps RSS flat)."""
 
-    def __init__(self, path: Path, height: int, width: int):
+    def __init__(self, path: Path, frame_shape: tuple[int, ...]):
         self.path = path
-        self.shape = (height, width, 3)
-        self.frame_bytes = height * width * 3
+        self.shape = frame_shape
+        self.frame_bytes = int(np.prod(frame_shape))
         self.count = 0
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
 
@@ -66,14 +66,25 @@ class SourceFrames:
     known when the decoder runs dry. Frames are kept on disk only when the output cycles: for an
     unknown count, when the output is clearly longer than the probe's estimate. Should a video
     whose estimate said otherwise turn out to need it, it is decoded again into the store, once.
+    `pix_fmt`: the frames' form, as for `VideoReader` (BGR, or yuv420p planes as decoded).
     """
 
     # A container's duration can be a little off: only beyond this margin is a cycle certain.
     _ESTIMATE_MARGIN = 1.03
 
-    def __init__(self, video_path: Path, info: VideoInfo, fps: Fraction, ffmpeg: str, work_dir: Path, output_frames: int, frame_count: int | None):
+    def __init__(
+        self,
+        video_path: Path,
+        info: VideoInfo,
+        fps: Fraction,
+        ffmpeg: str,
+        work_dir: Path,
+        output_frames: int,
+        frame_count: int | None,
+        pix_fmt: str = "bgr24",
+    ):
         self.frame_count = frame_count
-        self._open = lambda: VideoReader(video_path, info, fps, ffmpeg)
+        self._open = lambda: VideoReader(video_path, info, fps, ffmpeg, pix_fmt)
         if frame_count is not None:
             cycles = output_frames > frame_count
         else:
@@ -81,7 +92,7 @@ class SourceFrames:
             cycles = not estimate or output_frames > estimate * self._ESTIMATE_MARGIN
         self._reader = self._open().__enter__()
         self._store_path = work_dir / "frames.raw"
-        self._store = FrameStore(self._store_path, info.height, info.width) if cycles else None
+        self._store = FrameStore(self._store_path, self._reader.frame_shape) if cycles else None
         self._read = 0
 
     @property
@@ -90,8 +101,8 @@ class SourceFrames:
         return self._store is not None
 
     def take(self, output_indices: list[int]) -> tuple[list[int], np.ndarray, int]:
-        """Source indices, frames ([b,H,W,3] BGR, private to the caller) and how many of them are
-        fresh (decoded for the first time: the leading ones) for the next batch.
+        """Source indices, frames (`[b, *frame_shape]` of the reader's `pix_fmt`, private to the
+        caller) and how many of them are fresh (decoded for the first time: the leading ones) for the next batch.
 
         Batches must come in order and contiguous. The first pass over the video streams from the
         decoder (each read is a new array); once the output runs past the video's end, frames come
@@ -137,7 +148,7 @@ class SourceFrames:
         """The video ended sooner than its probe said and the output cycles: decode it again into a store."""
         reader = self._open().__enter__()
         try:
-            self._store = FrameStore(self._store_path, reader.height, reader.width)
+            self._store = FrameStore(self._store_path, reader.frame_shape)
             while len(batch := reader.read(32)):
                 self._store.append(batch)
         finally:

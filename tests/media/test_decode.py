@@ -140,3 +140,40 @@ def test_decode_failure_raises_at_read(ffmpeg_exe, talking_head_video, tmp_path)
     with pytest.raises(FFmpegError, match="decoding .*gone.mp4.*No such file"):
         with VideoReader(path, info, None, ffmpeg_exe) as reader:
             reader.read(4)
+
+
+@pytest.mark.parametrize("codec", ["libx264", "ffv1"])
+def test_yuv420p_frames_are_the_decoders_planes(ffmpeg_exe, tmp_path, codec):
+    """pix_fmt yuv420p hands over the planes as decoded, byte for byte (PyAV's decoder as witness)."""
+    import av
+
+    width, height = 64, 48
+    path = tmp_path / "planes.mkv"
+    source = f"testsrc2=size={width}x{height}:rate=25:duration=0.4"
+    run_ffmpeg(ffmpeg_exe, ["-f", "lavfi", "-i", source, "-c:v", codec, "-pix_fmt", "yuv420p", file_arg(path)])
+    with VideoReader(path, probe_video(path), None, ffmpeg_exe, pix_fmt="yuv420p") as reader:
+        assert reader.frame_shape == (width * height * 3 // 2,)
+        frames = reader.read(20)
+    with av.open(str(path)) as container:
+        decoded = [
+            # Each plane's rows are padded to its line size: cut them to its width.
+            np.concatenate([np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, : p.width].ravel() for p in frame.planes])
+            for frame in container.decode(video=0)
+        ]
+    assert frames.shape == (10, *reader.frame_shape)
+    assert np.array_equal(frames, np.stack(decoded))
+
+
+def test_an_untagged_video_decodes_to_bgr_as_bt709(ffmpeg_exe, tmp_path):
+    """A stream with no colour tags is read as BT.709 (as HD players show it), not as swscale's
+    BT.601 default: then its BGR frames and its passed-through planes mean the same colours."""
+    path = lavfi_video(ffmpeg_exe, tmp_path / "untagged.mp4", "color=c=0xC04020:size=64x48:rate=25:duration=0.2")
+    info = probe_video(path)
+    assert info.colorspace == "unspecified"
+    blue, _, red = decode_all(path, ffmpeg_exe)[0].reshape(-1, 3).mean(0)
+    with VideoReader(path, info, None, ffmpeg_exe, pix_fmt="yuv420p") as reader:
+        y, u, v = (plane.mean() for plane in np.split(reader.read(1)[0], [64 * 48, 64 * 48 + 32 * 24]))
+    kr, kb = 0.2126, 0.0722  # BT.709; BT.601's 0.299 and 0.114 put red about 10 levels off here
+    luma = (y - 16) * 255 / 219
+    assert abs(red - (luma + (v - 128) * 255 / 224 * 2 * (1 - kr))) < 2
+    assert abs(blue - (luma + (u - 128) * 255 / 224 * 2 * (1 - kb))) < 2

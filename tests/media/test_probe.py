@@ -139,3 +139,29 @@ def test_video_without_audio_as_audio(talking_head_video):
 def test_empty_audio(make_audio):
     with pytest.raises(BadAudio, match="contains no samples"):
         probe_audio(make_audio(0, ".wav"))
+
+
+@pytest.mark.parametrize(
+    "tags, pix_fmt, expected, passes_through",
+    [
+        ([], "yuv420p", ("unspecified", "unspecified"), True),
+        (["-colorspace", "bt709", "-color_range", "tv"], "yuv420p", ("bt709", "tv"), True),
+        (["-colorspace", "smpte170m", "-color_range", "tv"], "yuv420p", ("smpte170m", "tv"), False),
+        (["-colorspace", "bt709", "-color_range", "pc"], "yuv420p", ("bt709", "pc"), False),
+        (["-colorspace", "bt709", "-color_range", "tv"], "yuv444p", ("bt709", "tv"), False),
+    ],
+    ids=["untagged", "bt709", "bt601", "full-range", "444"],
+)
+def test_probe_reports_colour_tags_and_whether_planes_can_pass_through(ffmpeg_exe, tmp_path, tags, pix_fmt, expected, passes_through):
+    path = lavfi_video(ffmpeg_exe, tmp_path / "tagged.mp4", "testsrc2=size=64x48:rate=25:duration=0.2", pix_fmt=pix_fmt, after=tags)
+    info = probe_video(path)
+    assert (info.colorspace, info.color_range) == expected
+    assert info.is_bt709_yuv420p is passes_through
+
+
+def test_an_odd_sided_stream_does_not_pass_its_planes_through(ffmpeg_exe, tmp_path):
+    from dataclasses import replace
+
+    info = probe_video(lavfi_video(ffmpeg_exe, tmp_path / "even.mp4", "testsrc2=size=64x48:rate=25:duration=0.2"))
+    assert info.is_bt709_yuv420p
+    assert not replace(info, width=63).is_bt709_yuv420p and not replace(info, height=47).is_bt709_yuv420p

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from musetalk_service.media.decode import VideoReader
-from musetalk_service.media.encode import VideoEncoder, _frame_bytes, encoder_for
+from musetalk_service.media.encode import VideoEncoder, encoder_for
+from musetalk_service.media.rawvideo import frame_bytes, yuv420p_frame_bytes
 from musetalk_service.media.probe import probe_video
 from musetalk_service.media.synth import talking_head_frames
 from musetalk_service.pipeline.blend import FaceBlender, _CachedMask
-from musetalk_service.pipeline.compose import GpuComposer, bgr_to_yuv420p, yuv420p_frame_bytes
+from musetalk_service.pipeline.compose import GpuComposer, bgr_to_yuv420p, yuv420p_planes, yuv420p_to_bgr
 from musetalk_service.settings import EncodeSettings
 
 from .test_blend import _models, _request
@@ -180,7 +181,7 @@ def test_yuv420p_matches_the_definition_and_the_encoders_layout(size):
     width, height = size
     frames = np.concatenate([_frames(2, width, height), _noise(1, width, height)])
     yuv = bgr_to_yuv420p(torch.from_numpy(frames)).numpy()
-    assert yuv.shape == (3, yuv420p_frame_bytes(width, height)) == (3, _frame_bytes("yuv420p", width, height))
+    assert yuv.shape == (3, yuv420p_frame_bytes(width, height)) == (3, frame_bytes("yuv420p", width, height))
     diff = np.abs(yuv.astype(int) - yuv420p_reference(frames))
     # float32 against float64: only exact .5 ties may round apart.
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-4
@@ -247,3 +248,102 @@ def test_cuda_composes_as_the_cpu_does():
     gpu = _composer("cuda").compose(frames, torch.from_numpy(faces).cuda(), BOXES, SOURCES, bgr=True)
     assert np.abs(gpu.bgr.astype(int) - cpu_bgr).max() <= 1
     assert np.abs(gpu.yuv.astype(int) - cpu_yuv).max() <= 1
+
+
+# --- yuv420p frames in, blended in place ------------------------------------------------------
+
+
+def _yuv_frames(count: int, width: int, height: int) -> np.ndarray:
+    """yuv420p frames as a decoder gives them: the talking-head frames, then noise."""
+    frames = np.concatenate([_frames(count - 1, width, height), _noise(1, width, height)])
+    return bgr_to_yuv420p(torch.from_numpy(frames)).numpy()
+
+
+def _to_bgr(yuv: np.ndarray, width: int, height: int) -> np.ndarray:
+    return np.stack([yuv420p_to_bgr(*map(torch.from_numpy, yuv420p_planes(f, width, height))).numpy() for f in yuv])
+
+
+def _blended_pixels(composer: GpuComposer, width: int, height: int, boxes, sources) -> np.ndarray:
+    """`[n, H, W]` True where the frame's alpha is above 0 (the masks the composer used)."""
+    regions = composer.blender.regions((height, width), boxes, sources, None)
+    out = np.zeros((len(boxes), height, width), bool)
+    for k, region in enumerate(regions):
+        if region is not None:
+            out[k, region.top : region.bottom, region.left : region.right] = region.mask > 0
+    return out
+
+
+def test_yuv_to_bgr_inverts_the_conversion():
+    """yuv420p -> BGR -> yuv420p gives the planes back, to a level of rounding but where a 2x2 chroma
+    mean puts a pixel outside the RGB cube and it is clamped: a handful of samples on the astronaut's
+    sharp edges, about 4 % on noise."""
+    flat = np.broadcast_to(np.array([40, 120, 200], np.uint8), (1, 6, 8, 3)).copy()
+    yuv = bgr_to_yuv420p(torch.from_numpy(flat)).numpy()
+    assert np.abs(_to_bgr(yuv, 8, 6).astype(int) - flat).max() <= 1
+    yuv = _yuv_frames(2, W, H)
+    again = bgr_to_yuv420p(torch.from_numpy(_to_bgr(yuv, W, H))).numpy().astype(int)
+    diff = np.abs(again - yuv)
+    assert (diff[0] > 1).sum() < 10 and diff[0].max() <= 2
+    assert (diff[1] > 1).mean() < 0.05 and diff[1].mean() < 0.25
+
+
+@pytest.mark.parametrize("size", [(W, H), (320, 240)], ids=str)
+def test_compose_yuv_blends_as_the_numpy_path_and_leaves_every_other_sample_as_decoded(size):
+    width, height = size
+    boxes = [None if b is None else (b[0], b[1], min(b[2], width), min(b[3], height)) for b in BOXES]
+    yuv, faces = _yuv_frames(6, width, height), _noise(5)
+    composer = _composer()
+    out = composer.compose_yuv(yuv.copy(), width, height, faces, boxes, SOURCES)
+    # The numpy path on the same frames as BGR, with the masks the composer parsed, converted back.
+    expected = bgr_to_yuv420p(torch.from_numpy(_numpy_blend(composer.blender, _to_bgr(yuv, width, height), faces, boxes, SOURCES)))
+    blended = _blended_pixels(composer, width, height, boxes, SOURCES)
+    padded = np.pad(blended, ((0, 0), (0, height % 2), (0, width % 2)))
+    touched = padded.reshape(6, (height + 1) // 2, 2, (width + 1) // 2, 2).any(axis=(2, 4))
+    for (ours, theirs, given), moved in zip(
+        zip(_planes(out, width, height), _planes(expected.numpy(), width, height), _planes(yuv, width, height)),
+        (blended, touched, touched),
+    ):
+        assert moved.any()
+        assert np.abs(ours[moved].astype(int) - theirs[moved]).max() <= 1
+        assert np.array_equal(ours[~moved], given[~moved])  # bit for bit, as decoded
+        assert not np.array_equal(ours[moved], given[moved])
+    assert np.array_equal(out[2], yuv[2])  # no box
+
+
+def test_compose_yuv_without_faces_returns_the_frames_untouched():
+    yuv = _yuv_frames(3, W, H)
+    out = _composer().compose_yuv(yuv.copy(), W, H, None, [None] * 3, [0, 1, 2])
+    assert np.array_equal(out, yuv)
+
+
+def test_compose_yuv_parses_a_missing_mask_from_the_frame_as_bgr():
+    yuv, faces = _yuv_frames(2, W, H), _noise(2)
+    composer = _composer()
+    composer.compose_yuv(yuv[:1].copy(), W, H, faces[:1], BOXES[:1], [0])
+    parsed = composer.blender.parser.models.face_parser.inputs
+    assert len(parsed) == 1
+    # BiSeNet saw the square cut from the frame converted to BGR (RGB, normalised, in its input).
+    reference = _composer()
+    reference.blender.prepare_masks(_to_bgr(yuv[:1], W, H), BOXES[:1], [0])
+    assert torch.equal(parsed[0], reference.blender.parser.models.face_parser.inputs[0])
+    # A broken cached mask: that frame is redone from a fresh mask, as in `compose`.
+    composer.blender._masks[0] = _CachedMask(180, 0, 0, None)
+    out = composer.compose_yuv(yuv[1:].copy(), W, H, faces[1:], BOXES[1:2], [1])
+    assert composer.blender.fallbacks == 1
+    fresh = _composer(mask_every=1).compose_yuv(yuv[1:].copy(), W, H, faces[1:], BOXES[1:2], [1])
+    assert np.array_equal(out, fresh)
+
+
+def test_compose_yuv_checks_its_frames():
+    with pytest.raises(ValueError, match=r"yuv420p frames \[n, 116323\] for 321x241"):
+        _composer().compose_yuv(np.zeros((1, 100), np.uint8), W, H, None, [None], [0])
+    with pytest.raises(ValueError, match="1 boxes but 0 faces"):
+        _composer().compose_yuv(_yuv_frames(2, W, H)[:1], W, H, None, BOXES[:1], [0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_composes_yuv_as_the_cpu_does():
+    yuv, faces = _yuv_frames(6, W, H), _noise(5)
+    cpu = _composer().compose_yuv(yuv.copy(), W, H, faces, BOXES, SOURCES)
+    gpu = _composer("cuda").compose_yuv(yuv.copy(), W, H, torch.from_numpy(faces).cuda(), BOXES, SOURCES)
+    assert np.abs(gpu.astype(int) - cpu).max() <= 1

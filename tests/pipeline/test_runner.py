@@ -293,3 +293,75 @@ def test_parallel_segment_encoders_give_one_exact_output(tiny_models_dir, tmp_pa
     assert frame_codes(decode_all(result.output_path, ffmpeg)) == [pingpong_index(i, 12) for i in range(50)]
     assert list((tmp_path / "work").iterdir()) == []
 
+
+
+@pytest.fixture(scope="module")
+def lossless_pipelines(tiny_settings):
+    """The numpy and the device compose path (`compose: device`, torch on the CPU), both encoding
+    losslessly (x264 at crf 0), so outputs compare composite to composite."""
+    from musetalk_service.pipeline.runner import LipsyncPipeline
+
+    lossless = tiny_settings.encode.model_copy(update={"x264_crf": 0})
+    return {
+        compose: LipsyncPipeline.load(tiny_settings.model_copy(update={"compose": compose, "encode": lossless}))
+        for compose in ("numpy", "device")
+    }
+
+
+def test_device_compose_gives_the_numpy_paths_frames(lossless_pipelines, tmp_path, make_video, make_audio, monkeypatch):
+    """A new video (BGR frames composed on the device), then the same video again (its prepared
+    avatar: yuv420p planes as decoded, only the masked tiles blended): both encode what the numpy
+    blend does, and the second run leaves every pixel outside the blend masks as decoded."""
+    from musetalk_service.pipeline.compose import GpuComposer
+
+    calls = {"compose": 0, "compose_yuv": 0}
+    for name in calls:
+        real = getattr(GpuComposer, name)
+
+        def counted(self, *args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(GpuComposer, name, counted)
+    video, audio = make_video(1.2, 25, (256, 256)), make_audio(0.8, ".wav")
+    runs = [("numpy", "numpy"), ("new", "device"), ("prepared", "device")]
+    outputs = {}
+    for run, compose in runs:
+        (tmp_path / run).mkdir()
+        pipeline = lossless_pipelines[compose]
+        result = lipsync(pipeline, tmp_path / run, video, audio)
+        assert result.frames == 20 and count_video_frames(result.output_path) == 20
+        outputs[run] = _decode_yuv(result.output_path)
+        if run == "new":
+            assert calls == {"compose": 2, "compose_yuv": 0}
+    assert calls == {"compose": 2, "compose_yuv": 2}
+    assert result.timings["vae_encode"] == 0  # the prepared avatar was used
+    planes = {run: _yuv_planes(out) for run, out in outputs.items()}
+    source = _yuv_planes(_decode_yuv(video)[:20])
+    x1, y1, x2, y2 = FACE_BOX
+    for k, name in enumerate("YUV"):
+        scale = 1 if k == 0 else 2
+        box = np.zeros(source[k].shape[1:], bool)
+        box[y1 // scale : -(-y2 // scale), x1 // scale : -(-x2 // scale)] = True
+        # New video: the numpy composite as ffmpeg converts it (truncating) against ours (rounding).
+        assert np.abs(planes["new"][k] - planes["numpy"][k]).max() <= 2, name
+        # Prepared avatar: outside the face box the source's samples, exactly (the numpy path's
+        # decode to BGR and back moves them by up to ~10 levels)...
+        assert np.array_equal(planes["prepared"][k][:, ~box], source[k][:, ~box]), name
+        assert not np.array_equal(planes["numpy"][k][:, ~box], source[k][:, ~box]), name
+        # ... and inside it the same composite, but for the base pixels' chroma upsampling
+        # (nearest there, ffmpeg's filtered one in the BGR decode).
+        inside = np.abs(planes["prepared"][k] - planes["new"][k])[:, box]
+        assert inside.mean() < 1.5 and inside.max() <= 8, name
+
+
+def _decode_yuv(path: Path) -> np.ndarray:
+    info = probe_video(path)
+    with VideoReader(path, info, None, None, "yuv420p") as reader:
+        return reader.read(10_000).copy()
+
+
+def _yuv_planes(frames: np.ndarray) -> list[np.ndarray]:
+    from musetalk_service.pipeline.compose import yuv420p_planes
+
+    return [np.stack(p).astype(int) for p in zip(*(yuv420p_planes(f, 256, 256) for f in frames))]
