@@ -272,14 +272,14 @@ class GpuComposer:
                 return frames
             # All tiles in one padded batch, so the work is a fixed number of kernels per batch
             # rather than per face (one by one, kernel launches cost 1.6 ms of CPU a frame).
-            rows = max(t.shape[0] for t in tiles) + 1 & ~1
-            cols = max(t.shape[1] for t in tiles) + 1 & ~1
+            rows = (max(t.shape[0] for t in tiles) + 1) & ~1
+            cols = (max(t.shape[1] for t in tiles) + 1) & ~1
             host = _TileBatch(self._host_buffer("tiles", _TileBatch.nbytes(len(tiles), rows, cols)), len(tiles), rows, cols)
             host.masks.zero_()
             for k, tile in enumerate(tiles):
-                for plane, padded in zip(self._frame_tile(frames, tile, width, height), host.tile_planes(k, tile)):
-                    np.copyto(padded.numpy(), plane)
-                h, w = tile.region.bottom - tile.region.top, tile.region.right - tile.region.left
+                for plane, padded in self._tile_planes(frames, host, k, tile, width, height):
+                    np.copyto(padded, plane)
+                h, w = tile.region.mask.shape
                 r, c = tile.region.top - tile.top, tile.region.left - tile.left
                 host.masks[k, r : r + h, c : c + w].numpy()[...] = tile.region.mask
             device = _TileBatch(host.buffer.to(self.device, non_blocking=True), len(tiles), rows, cols)
@@ -288,8 +288,8 @@ class GpuComposer:
             if device.buffer is not host.buffer:  # on CPU the same buffer
                 host.planes_bytes().copy_(device.planes_bytes(), non_blocking=True)
         for k, tile in enumerate(tiles):  # the stream is synchronised: the tiles are back in `host`
-            for plane, padded in zip(self._frame_tile(frames, tile, width, height), host.tile_planes(k, tile)):
-                np.copyto(plane, padded.numpy())
+            for plane, padded in self._tile_planes(frames, host, k, tile, width, height):
+                np.copyto(plane, padded)
         return frames
 
     @staticmethod
@@ -340,11 +340,12 @@ class GpuComposer:
         return tiles
 
     @staticmethod
-    def _frame_tile(frames: np.ndarray, tile: _Tile, width: int, height: int) -> list[np.ndarray]:
-        """Views of the tile's Y, U and V samples in its frame."""
+    def _tile_planes(frames: np.ndarray, batch: _TileBatch, k: int, tile: _Tile, width: int, height: int):
+        """(frame plane, padded slot) pairs of tile k's Y, U and V, as numpy views of both."""
         y, u, v = yuv420p_planes(frames[tile.row], width, height)
         rows, cols = tile.chroma
-        return [y[tile.top : tile.bottom, tile.left : tile.right], u[rows, cols], v[rows, cols]]
+        in_frame = [y[tile.top : tile.bottom, tile.left : tile.right], u[rows, cols], v[rows, cols]]
+        return zip(in_frame, (padded.numpy() for padded in batch.tile_planes(k, tile)))
 
     def _host_buffer(self, name: str, nbytes: int) -> torch.Tensor:
         """A reusable uint8 host buffer of `nbytes` (pinned on CUDA), grown when too small.
@@ -364,12 +365,16 @@ def _blend_into(original: torch.Tensor, face: torch.Tensor, box: FaceBox, region
     pixels of `region` (`[h, w, 3]`, a view written in place), with `alpha` `[h, w, 1]`."""
     x1, y1, x2, y2 = box
     resized = F.interpolate(face[None], size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=False)[0]
-    # cv2 hands the numpy path a uint8 face: round to levels as it does.
     generated = resized[:, region.top - y1 : region.bottom - y1, region.left - x1 : region.right - x1]
-    generated = generated.permute(1, 2, 0).round()
+    original.copy_(_blended_levels(generated.permute(1, 2, 0), original, alpha))
+
+
+def _blended_levels(generated: torch.Tensor, original: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """`generated` (float levels, `[..., 3]`, overwritten) rounded to levels as cv2 hands the numpy
+    path a uint8 face, blended over `original` (uint8) with `alpha` in the numpy path's float32
+    steps and order, plus 0.5: the truncating cast to uint8 that follows rounds."""
     base = original.float()
-    # The numpy path's float32 steps in its order; +0.5 then the truncating copy rounds.
-    original.copy_(generated.sub_(base).mul_(alpha).add_(base).add_(0.5))
+    return generated.round_().sub_(base).mul_(alpha).add_(base).add_(0.5)
 
 
 class _TileBatch:
@@ -419,12 +424,8 @@ def _blend_tiles(batch: _TileBatch, tiles: list[_Tile], faces: torch.Tensor, box
     grid = torch.stack([gx[:, None, :].expand(n, rows, cols), gy[:, :, None].expand(n, rows, cols)], dim=-1)
     chosen = faces[[t.face for t in tiles]].permute(0, 3, 1, 2).float()
     generated = F.grid_sample(chosen, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    # cv2 hands the numpy path a uint8 face: round to levels as it does.
-    generated = generated.permute(0, 2, 3, 1).round_()
     alpha = batch.masks.float().mul_(float(ALPHA_SCALE))[..., None]
-    base = bgr.float()
-    # The numpy path's float32 steps in its order; +0.5 then the truncating cast rounds.
-    blended = generated.sub_(base).mul_(alpha).add_(base).add_(0.5).to(torch.uint8)
+    blended = _blended_levels(generated.permute(0, 2, 3, 1), bgr, alpha).to(torch.uint8)
     for k, tile in enumerate(tiles):
         # An odd side (at an odd frame's edge): its 2x2 blocks repeat the last row/column, as
         # `bgr_to_yuv420p` does for a whole frame.
