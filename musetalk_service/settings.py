@@ -85,8 +85,11 @@ class CompileSettings(BaseModel):
     enabled: bool | Literal["auto"] = Field(
         "auto", description="auto: on CUDA (minutes the first time, seconds with a warm cache), off on CPU."
     )
-    mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
+    mode: Literal["default", "max-autotune-no-cudagraphs"] = Field(
         "default", description="torch.compile mode; see docs/benchmarks.md for what each measured."
+    )
+    cuda_graphs: bool = Field(
+        True, description="Replay each compiled network as one CUDA graph (CUDA only): no per-kernel launch cost."
     )
     cache_dir: Path = Field(
         Path("~/.cache/musetalk-service/torch-compile"),
@@ -97,6 +100,10 @@ class CompileSettings(BaseModel):
         """The compile mode to use on `device`, None for eager."""
         on = device.startswith("cuda") if self.enabled == "auto" else self.enabled
         return self.mode if on else None
+
+    def graphs_for(self, device: str) -> bool:
+        """Whether the compiled networks replay CUDA graphs on `device`."""
+        return self.cuda_graphs and self.mode_for(device) is not None and device.startswith("cuda")
 
 
 class JobSettings(BaseModel):

@@ -1,4 +1,4 @@
-"""Settings: the compose path each value picks, from the environment as operators set it."""
+"""Settings: the compose path and compile options each value picks, from the environment as operators set it."""
 
 from __future__ import annotations
 
@@ -19,4 +19,29 @@ def test_compose_setting_picks_the_path(monkeypatch, value, device, on_device):
 def test_an_unknown_compose_value_is_refused_naming_the_field(monkeypatch):
     monkeypatch.setenv("MUSETALK_COMPOSE", "gpu")
     with pytest.raises(ValueError, match="compose"):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    "env, device, mode, graphs",
+    [
+        ({}, "cuda:0", "default", True),
+        ({}, "cpu", None, False),
+        ({"MUSETALK_COMPILE__CUDA_GRAPHS": "false"}, "cuda:0", "default", False),
+        ({"MUSETALK_COMPILE__ENABLED": "false"}, "cuda:0", None, False),
+        ({"MUSETALK_COMPILE__ENABLED": "true"}, "cpu", "default", False),  # graphs need CUDA
+    ],
+)
+def test_compile_settings_pick_the_mode_and_the_cuda_graphs(monkeypatch, env, device, mode, graphs):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    compile_settings = load_settings().compile
+    assert compile_settings.mode_for(device) == mode
+    assert compile_settings.graphs_for(device) is graphs
+
+
+def test_reduce_overhead_is_refused_naming_the_field(monkeypatch):
+    """torch.compile's own CUDA graphs hung the first request (see nets/fixed_batch.py)."""
+    monkeypatch.setenv("MUSETALK_COMPILE__MODE", "reduce-overhead")
+    with pytest.raises(ValueError, match="mode"):
         load_settings()

@@ -5,7 +5,8 @@ missing). The bundle is read-only after `load`: requests never change it.
 
 The networks the pipeline calls per batch (`generator`, `latent_encoder`, `landmarker`) are
 `FixedBatch` runners: on CUDA they are compiled (`compile_mode`) at one batch size each and
-compiled during `warmup`, so no request ever waits for a compilation.
+compiled during `warmup`, so no request ever waits for a compilation; with `cuda_graphs`, warmup
+also records each into a CUDA graph that calls then replay.
 
 With `detector="haar"` S3FD and FAN are neither required nor loaded (`face_detector` and
 `landmarker` are None): the Haar cascade ships inside OpenCV, and a machine that cannot fetch those
@@ -84,13 +85,14 @@ class ModelBundle:
         batch_size: int = 16,
         prepare_batch: int = 16,
         compile_mode: str | None = None,
+        cuda_graphs: bool = False,
         detector: FaceDetector = "s3fd",
     ) -> ModelBundle:
         """Load every network of `models_dir` onto `device` ("auto": CUDA when available, else CPU).
 
         `batch_size`: output frames per `generator` call; `prepare_batch`: source frames per
         `latent_encoder` and `landmarker` call; `compile_mode`: torch.compile mode for those
-        three, None for eager. `detector`: the settings' `face.detector`; "haar" leaves S3FD and
+        three, None for eager; `cuda_graphs`: those three replay CUDA graphs (on CUDA). `detector`: the settings' `face.detector`; "haar" leaves S3FD and
         FAN out (their files may be absent). Raises WeightsError naming the missing files and the
         command that fetches them, or naming a malformed file and why it does not fit.
         """
@@ -109,7 +111,7 @@ class ModelBundle:
             if detector == "s3fd":
                 face_detector = _ready(s3fd.load(_stored("face_detector", models_dir)), device, dtype)
                 fan_net = _ready(fan.load(_stored("landmarker", models_dir)), device, dtype)
-                landmarker = FixedBatch(fan_net, prepare_batch, compile_mode)
+                landmarker = FixedBatch(fan_net, prepare_batch, compile_mode, cuda_graph=cuda_graphs)
             bundle = cls(
                 vae=vae,
                 unet=unet,
@@ -119,8 +121,10 @@ class ModelBundle:
                 face_parser=_ready(bisenet.load(_stored("face_parser", models_dir)), device, dtype),
                 face_detector=face_detector,
                 landmarker=landmarker,
-                generator=FixedBatch(_ready(FaceGenerator(unet, vae, pe), device, dtype), batch_size, compile_mode),
-                latent_encoder=FixedBatch(FaceLatentEncoder(vae), prepare_batch, compile_mode),
+                generator=FixedBatch(
+                    _ready(FaceGenerator(unet, vae, pe), device, dtype), batch_size, compile_mode, cuda_graph=cuda_graphs
+                ),
+                latent_encoder=FixedBatch(FaceLatentEncoder(vae), prepare_batch, compile_mode, cuda_graph=cuda_graphs),
                 device=device,
                 dtype=dtype,
                 weights_kind=weights_kind(models_dir, detector),

@@ -386,8 +386,9 @@ class LipsyncPipeline:
 
 def load_models(settings: Settings, *, warm: bool = True) -> ModelBundle:
     """The networks as the service runs them: on the configured device, the per-batch ones at
-    their fixed batch sizes and compiled where `settings.compile` says (with its disk cache);
-    warmed up (compiled) unless `warm` is False. With `face.detector: haar`, without S3FD and FAN."""
+    their fixed batch sizes, compiled and replayed as CUDA graphs where `settings.compile` says
+    (with its disk cache); warmed up (compiled, graphs recorded) unless `warm` is False. With
+    `face.detector: haar`, without S3FD and FAN."""
     device = settings.resolved_device()
     compile_mode = settings.compile.mode_for(device)
     if compile_mode is not None:
@@ -395,7 +396,7 @@ def load_models(settings: Settings, *, warm: bool = True) -> ModelBundle:
     models = ModelBundle.load(
         settings.models_dir, device,
         batch_size=settings.lipsync.batch_size, prepare_batch=PREP_BATCH, compile_mode=compile_mode,
-        detector=settings.face.detector,
+        cuda_graphs=settings.compile.graphs_for(device), detector=settings.face.detector,
     )  # fmt: skip
     if warm:
         models.warmup()

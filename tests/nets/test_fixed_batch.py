@@ -123,3 +123,67 @@ def test_a_failing_compiler_falls_back_to_eager_at_warmup(caplog):
         torch.testing.assert_close(runner(x, y), module.linear(x) * y)
     assert module.seen == [5]  # eager: no padding any more
     torch._dynamo.reset()
+
+
+def test_a_cuda_graph_needs_the_fixed_batch_and_is_not_recorded_off_cuda():
+    with pytest.raises(ValueError, match="CUDA graph needs the fixed batch"):
+        FixedBatch(_Affine(), 8, cuda_graph=True, pad=False)
+    module = _Affine()
+    runner = FixedBatch(module, 8, cuda_graph=True)
+    runner.warmup(*_inputs(1))
+    assert runner.graph is None  # CPU: nothing to record; padded runs as without the graph
+    module.seen.clear()
+    x, y = _inputs(13)
+    with torch.inference_mode():
+        torch.testing.assert_close(runner(x, y), module.linear(x) * y)
+    assert module.seen == [8, 8]
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("compile_mode", [None, "default"])
+def test_cuda_graph_replays_match_the_network_and_own_their_results(compile_mode):
+    torch._dynamo.reset()
+    module = _Affine().cuda()
+    runner = FixedBatch(module, 8, compile_mode, cuda_graph=True)
+    runner.warmup(*(t.cuda() for t in _inputs(1)))
+    assert runner.graph is not None
+    module.seen.clear()
+    results = []
+    for rows in (13, 8, 3):
+        x, y = (t.cuda() for t in _inputs(rows))
+        results.append((runner(x, y), x, y))
+    if compile_mode is None:
+        assert module.seen == []  # replays only: the module's Python never ran again
+    for out, x, y in results:  # earlier results survive later replays
+        with torch.inference_mode():
+            torch.testing.assert_close(out, module.linear(x) * y)
+    torch._dynamo.reset()
+
+
+@cuda
+def test_cuda_graph_serves_several_threads_and_streams():
+    from concurrent.futures import ThreadPoolExecutor
+
+    module = _Affine().cuda()
+    runner = FixedBatch(module, 4, cuda_graph=True)
+    runner.warmup(*(t.cuda() for t in _inputs(1)))
+
+    def run(rows: int):
+        x, y = (t.cuda() for t in _inputs(rows))
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            outs = [runner(x, y) for _ in range(20)]
+        stream.synchronize()
+        return outs, x, y
+
+    with ThreadPoolExecutor(4) as pool:
+        done = list(pool.map(run, [3, 5, 9, 12]))
+    for outs, x, y in done:
+        with torch.inference_mode():
+            expected = module.linear(x) * y
+        for out in outs:
+            torch.testing.assert_close(out, expected)
