@@ -11,9 +11,11 @@ size as options), loads the pipeline as `serve` does (timing start-to-ready), th
 With random weights S3FD's boxes are random too (the face phase's cost is real, its boxes are
 not), so `face_box` is the closest to a real new video's blend and crop sizes.
 
-For each it records wall time, output fps, per-phase busy seconds, GPU memory peak, host RSS
-(before the request, its peak during it, and the process's peak since start), the encoder, the
-device and the commit. With random weights the mouths are meaningless but every FLOP is real,
+For each it records wall time, output fps, per-phase busy seconds, GPU memory (the peak of
+tensors alive, and the peak and the after-request amount torch holds from the driver, CUDA graph
+pools and cached blocks included: what another process on the GPU cannot have), how busy the
+host's cores were, host RSS (before the request, its peak during it, and the process's peak since
+start), the encoder, the device and the commit. With random weights the mouths are meaningless but every FLOP is real,
 so the speed is too.
 """
 
@@ -95,10 +97,12 @@ def _timed_run(pipeline: LipsyncPipeline, request: LipsyncRequest) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats(pipeline.models.device)
     rss_before = _rss_bytes()
+    cpu_before = _cpu_ticks()
     started = time.perf_counter()
     with _RssPeak() as rss:
         result = pipeline.run(request)
     wall = time.perf_counter() - started
+    cpu_after = _cpu_ticks()
     return {
         "frames": result.frames,
         "wall_s": round(wall, 2),
@@ -108,7 +112,10 @@ def _timed_run(pipeline: LipsyncPipeline, request: LipsyncRequest) -> dict:
         "frames_without_face": result.frames_without_face,
         "avatar_id": result.avatar_id,
         "fallbacks": result.fallbacks,
-        "gpu_memory_peak_gb": round(torch.cuda.max_memory_allocated(pipeline.models.device) / 2**30, 2) if cuda else None,
+        "gpu_memory_peak_gb": _gb(torch.cuda.max_memory_allocated(pipeline.models.device)) if cuda else None,
+        "gpu_reserved_peak_gb": _gb(torch.cuda.max_memory_reserved(pipeline.models.device)) if cuda else None,
+        "gpu_reserved_after_gb": _gb(torch.cuda.memory_reserved(pipeline.models.device)) if cuda else None,
+        "host_cpu_busy": _busy_share(cpu_before, cpu_after),
         # The process's peak since it started (model loading and compilation included), and the
         # resident memory before and at its highest during this request: what the request adds.
         "host_rss_peak_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
@@ -128,6 +135,23 @@ def _rss_bytes() -> int | None:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _cpu_ticks() -> tuple[int, int] | None:
+    """(all, idle) CPU time of the whole host since boot, in ticks (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/stat") as stat:
+            ticks = [int(v) for v in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return sum(ticks), ticks[3] + ticks[4]  # idle + iowait
+
+
+def _busy_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of all the host's cores that were busy between two `_cpu_ticks` readings."""
+    if before is None or after is None or after[0] == before[0]:
+        return None
+    return round(1 - (after[1] - before[1]) / (after[0] - before[0]), 3)
 
 
 class _RssPeak:
@@ -184,7 +208,9 @@ def render_table(report: dict) -> str:
         phases = "  ".join(f"{k} {v:.1f}" for k, v in run["phases_s"].items() if k != "total")
         lines.append(
             f"{name:9s} {run['frames']} frames in {run['wall_s']} s = {run['output_fps']} fps "
-            f"({run['realtime_factor']}x real time); GPU peak {run['gpu_memory_peak_gb']} GB, "
+            f"({run['realtime_factor']}x real time); GPU peak {run['gpu_memory_peak_gb']} GB "
+            f"(held {run['gpu_reserved_peak_gb']} GB at most, {run['gpu_reserved_after_gb']} GB after), "
+            f"host CPU busy {run['host_cpu_busy']}, "
             f"RSS {run['host_rss_before_gb']} GB before, {run['host_rss_run_peak_gb']} GB peak in the run, "
             f"{run['host_rss_peak_gb']} GB process peak"
         )

@@ -20,6 +20,20 @@ def memory_bytes(device: torch.device) -> dict[str, int] | None:
     }
 
 
+def release_cached_memory(device: torch.device) -> None:
+    """Give the blocks torch's caching allocator keeps but no tensor uses back to the driver.
+
+    Called when a request ends. The allocator caches freed blocks per CUDA stream, and each
+    request's side streams (face work, compose) come from torch's round-robin pool, so a later
+    request rarely reuses them: measured on the H100 (2026-11-24), reserved memory grew by about
+    10 GB per new video until 62 GB, while the tensors alive never passed 4.4 GB. The GPU is
+    shared with a TTS model, so what a request no longer needs goes back. The next request's
+    allocations cost some milliseconds more; the CUDA graphs' memory is not cached blocks and stays.
+    """
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def answers(device: torch.device) -> bool:
     """Run a tiny op on the device and wait for its result; True on the CPU.
 

@@ -34,6 +34,7 @@ from musetalk_service.pipeline.avatar_cache import Avatar, AvatarCache, avatar_k
 from musetalk_service.pipeline.blend import FaceBlender
 from musetalk_service.pipeline.device import answers as device_answers
 from musetalk_service.pipeline.device import memory_bytes as device_memory_bytes
+from musetalk_service.pipeline.device import release_cached_memory
 from musetalk_service.pipeline.compose import GpuComposer
 from musetalk_service.pipeline.generate import generate_faces, generate_faces_tensor
 from musetalk_service.pipeline.prepare import PREP_BATCH, AvatarBuilder
@@ -101,11 +102,15 @@ class LipsyncPipeline:
             return self._run(request, timer, work_dir, progress or _no_progress, cancel)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
+            release_cached_memory(self.models.device)
 
     def prepare_avatar(self, request: LipsyncRequest, cancel: threading.Event | None = None) -> Avatar:
         """Prepare the request's video ahead of time (or fetch it from the cache): its avatar."""
         video = probe_video(request.video_path)
-        return self._avatar(request, video, self._fps(request, video), PhaseTimer(sync=self._sync), _no_progress, cancel)
+        try:
+            return self._avatar(request, video, self._fps(request, video), PhaseTimer(sync=self._sync), _no_progress, cancel)
+        finally:
+            release_cached_memory(self.models.device)
 
     def list_avatars(self) -> list[dict]:
         return self.avatars.list() if self.avatars is not None else []

@@ -13,6 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 from musetalk_service.media.synth import write_speech_like_audio, write_talking_head_video
 
 SIZE = (1920, 1080)
@@ -42,3 +45,25 @@ def test_peak_rss_of_a_four_times_longer_input_grows_by_less_than_300_mb(tiny_mo
         rss[seconds] = peak_rss_mb(tiny_models_dir, video, audio, tmp_path / f"out{seconds}s.mp4", tmp_path)
 
     assert rss[8] - rss[2] < 300, rss
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_request_gives_its_gpu_memory_back_when_it_ends(tiny_settings, tmp_path, ffmpeg_exe):
+    """The GPU is shared with a TTS model: what torch holds after a request is what it held before
+    (the models), not the blocks cached on the request's streams."""
+    from dataclasses import replace
+
+    from musetalk_service.pipeline.request import LipsyncRequest
+    from musetalk_service.pipeline.runner import LipsyncPipeline
+
+    no_compile = tiny_settings.compile.model_copy(update={"enabled": False})  # quick: the blocks are the point
+    settings = tiny_settings.model_copy(update={"device": "cuda:0", "compile": no_compile})
+    pipeline = LipsyncPipeline.load(settings)
+    video = write_talking_head_video(tmp_path / "v.mp4", 2, 25, (320, 240), ffmpeg=ffmpeg_exe)
+    audio = write_speech_like_audio(tmp_path / "a.wav", 2, ffmpeg=ffmpeg_exe)
+    request = LipsyncRequest.with_defaults(settings.lipsync, video_path=video, audio_path=audio, output_path=tmp_path / "o.mp4")
+    held_before = torch.cuda.memory_reserved()
+    torch.cuda.reset_peak_memory_stats()
+    pipeline.run(replace(request, face_box=(100, 40, 220, 200)))
+    assert torch.cuda.max_memory_reserved() > held_before  # the request did allocate
+    assert torch.cuda.memory_reserved() <= held_before
