@@ -82,6 +82,10 @@ def run_lipsync_bench(
         "input": {"size": f"{width}x{height}", "fps": fps, "audio_s": seconds, "video_s": video_seconds},
         "input_build_s": round(input_s, 2),
         "start_to_ready_s": round(ready_s, 2),
+        # What the loaded, warmed models hold on the GPU between requests (weights, CUDA graphs).
+        "gpu_reserved_ready_gb": _gb(torch.cuda.memory_reserved(pipeline.models.device))
+        if pipeline.models.device.type == "cuda"
+        else None,
         "runs": {},
     }
     base = LipsyncRequest.with_defaults(settings.lipsync, video_path=video, audio_path=audio, output_path=work_dir / "out.mp4")
@@ -202,7 +206,8 @@ def render_table(report: dict) -> str:
     """A plain-text summary of the report for the terminal."""
     lines = [
         f"{report['date']}  {report['device']}  commit {report['commit']}  weights {report['weights']}  encoder {report['encoder']}",
-        f"input {report['input']}  start-to-ready {report['start_to_ready_s']} s",
+        f"input {report['input']}  start-to-ready {report['start_to_ready_s']} s  "
+        f"GPU held when ready {report['gpu_reserved_ready_gb']} GB",
     ]
     for name, run in report["runs"].items():
         phases = "  ".join(f"{k} {v:.1f}" for k, v in run["phases_s"].items() if k != "total")
