@@ -29,7 +29,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from musetalk_service.errors import WeightsError
 from musetalk_service.nets import bisenet, fan, s3fd
 from musetalk_service.nets.check import WeightsKind, weights_kind
-from musetalk_service.nets.fixed_batch import FixedBatch
+from musetalk_service.nets.fixed_batch import FixedBatch, GraphMemory
 from musetalk_service.nets.layout import (
     DOWNLOAD_COMMAND,
     FACE_NET_KEYS,
@@ -101,6 +101,9 @@ class ModelBundle:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         _require_files(models_dir, detector)
         started = time.perf_counter()
+        # The VAE encoder and the generator run one after the other in the pipeline's GPU thread:
+        # their graphs can share one pool. FAN runs meanwhile in the face thread: a pool of its own.
+        gpu_thread_graphs = GraphMemory() if cuda_graphs else False
         try:
             whisper = _ready(load_whisper_encoder(models_dir), device, dtype)
             unet = _ready(load_unet(models_dir), device, dtype)
@@ -122,9 +125,9 @@ class ModelBundle:
                 face_detector=face_detector,
                 landmarker=landmarker,
                 generator=FixedBatch(
-                    _ready(FaceGenerator(unet, vae, pe), device, dtype), batch_size, compile_mode, cuda_graph=cuda_graphs
+                    _ready(FaceGenerator(unet, vae, pe), device, dtype), batch_size, compile_mode, cuda_graph=gpu_thread_graphs
                 ),
-                latent_encoder=FixedBatch(FaceLatentEncoder(vae), prepare_batch, compile_mode, cuda_graph=cuda_graphs),
+                latent_encoder=FixedBatch(FaceLatentEncoder(vae), prepare_batch, compile_mode, cuda_graph=gpu_thread_graphs),
                 device=device,
                 dtype=dtype,
                 weights_kind=weights_kind(models_dir, detector),
