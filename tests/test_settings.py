@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from musetalk_service.settings import load_settings
@@ -45,3 +47,17 @@ def test_reduce_overhead_is_refused_naming_the_field(monkeypatch):
     monkeypatch.setenv("MUSETALK_COMPILE__MODE", "reduce-overhead")
     with pytest.raises(ValueError, match="mode"):
         load_settings()
+
+
+def test_expandable_segments_are_the_default_unless_the_operator_configured_the_allocator(monkeypatch):
+    from musetalk_service.pipeline.device import ALLOCATOR_ENV, use_expandable_segments
+
+    for name in ALLOCATOR_ENV:  # set, then removed: monkeypatch restores them after the test
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    use_expandable_segments()
+    assert "expandable_segments:True" in [os.environ.get(name) for name in ALLOCATOR_ENV]
+    monkeypatch.delenv(ALLOCATOR_ENV[0])
+    monkeypatch.setenv(ALLOCATOR_ENV[1], "max_split_size_mb:128")
+    use_expandable_segments()
+    assert ALLOCATOR_ENV[0] not in os.environ  # the operator's setting stands alone

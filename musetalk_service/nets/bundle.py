@@ -6,7 +6,7 @@ missing). The bundle is read-only after `load`: requests never change it.
 The networks the pipeline calls per batch (`generator`, `latent_encoder`, `landmarker`) are
 `FixedBatch` runners: on CUDA they are compiled (`compile_mode`) at one batch size each and
 compiled during `warmup`, so no request ever waits for a compilation; with `cuda_graphs`, warmup
-also records each into a CUDA graph that calls then replay.
+also records the generator and FAN into CUDA graphs that calls then replay.
 
 With `detector="haar"` S3FD and FAN are neither required nor loaded (`face_detector` and
 `landmarker` are None): the Haar cascade ships inside OpenCV, and a machine that cannot fetch those
@@ -29,7 +29,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from musetalk_service.errors import WeightsError
 from musetalk_service.nets import bisenet, fan, s3fd
 from musetalk_service.nets.check import WeightsKind, weights_kind
-from musetalk_service.nets.fixed_batch import FixedBatch, GraphMemory
+from musetalk_service.nets.fixed_batch import FixedBatch
 from musetalk_service.nets.layout import (
     DOWNLOAD_COMMAND,
     FACE_NET_KEYS,
@@ -84,6 +84,7 @@ class ModelBundle:
         *,
         batch_size: int = 16,
         prepare_batch: int = 16,
+        encode_batch: int = 16,
         compile_mode: str | None = None,
         cuda_graphs: bool = False,
         detector: FaceDetector = "s3fd",
@@ -91,9 +92,10 @@ class ModelBundle:
         """Load every network of `models_dir` onto `device` ("auto": CUDA when available, else CPU).
 
         `batch_size`: output frames per `generator` call; `prepare_batch`: source frames per
-        `latent_encoder` and `landmarker` call; `compile_mode`: torch.compile mode for those
-        three, None for eager; `cuda_graphs`: those three replay CUDA graphs (on CUDA). `detector`: the settings' `face.detector`; "haar" leaves S3FD and
-        FAN out (their files may be absent). Raises WeightsError naming the missing files and the
+        `landmarker` call, `encode_batch` per `latent_encoder` call; `compile_mode`:
+        torch.compile mode for those three, None for eager; `cuda_graphs`: the generator and the
+        landmarker replay CUDA graphs (on CUDA). `detector`: the settings' `face.detector`;
+        "haar" leaves S3FD and FAN out (their files may be absent). Raises WeightsError naming the missing files and the
         command that fetches them, or naming a malformed file and why it does not fit.
         """
         models_dir = Path(models_dir)
@@ -101,9 +103,6 @@ class ModelBundle:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         _require_files(models_dir, detector)
         started = time.perf_counter()
-        # The VAE encoder and the generator run one after the other in the pipeline's GPU thread:
-        # their graphs can share one pool. FAN runs meanwhile in the face thread: a pool of its own.
-        gpu_thread_graphs = GraphMemory() if cuda_graphs else False
         try:
             whisper = _ready(load_whisper_encoder(models_dir), device, dtype)
             unet = _ready(load_unet(models_dir), device, dtype)
@@ -125,9 +124,12 @@ class ModelBundle:
                 face_detector=face_detector,
                 landmarker=landmarker,
                 generator=FixedBatch(
-                    _ready(FaceGenerator(unet, vae, pe), device, dtype), batch_size, compile_mode, cuda_graph=gpu_thread_graphs
+                    _ready(FaceGenerator(unet, vae, pe), device, dtype), batch_size, compile_mode, cuda_graph=cuda_graphs
                 ),
-                latent_encoder=FixedBatch(FaceLatentEncoder(vae), prepare_batch, compile_mode, cuda_graph=gpu_thread_graphs),
+                # No graph: at this batch its launches cost nothing next to its kernels, and its
+                # graph would hold 6 GB (nets/fixed_batch.py). Half a preparation run per call:
+                # the same speed, half the activations (about 3 GB at 32 rows).
+                latent_encoder=FixedBatch(FaceLatentEncoder(vae), encode_batch, compile_mode),
                 device=device,
                 dtype=dtype,
                 weights_kind=weights_kind(models_dir, detector),

@@ -24,8 +24,9 @@ one launch instead of the hundreds of kernel launches Python makes per call (mea
 This is our own capture, not torch.compile's `reduce-overhead`: its CUDA graph trees belong to
 the thread that recorded them, and our networks run in the face and GPU threads of a request
 (with `reduce-overhead` the first request hung). A graph's intermediate tensors live in a memory
-pool for as long as the runner does; runners that never run at the same time can share one pool
-(`GraphMemory`) and hold the largest graph's intermediates instead of their sum.
+pool of its own for as long as the runner does (`warmup` logs how much): that is why it pays only
+where launches are the cost (measured on the H100, 2026-11-24: the VAE encoder's graph at batch 32
+held 6.1 GB and made preparation no faster; FAN's held 0.47 GB, the generator's little).
 """
 
 from __future__ import annotations
@@ -63,8 +64,7 @@ class FixedBatch(nn.Module):
     tensor batched the same way. `compile_mode` None runs the module as it is; otherwise it is
     `torch.compile`d with that mode. `pad` forces padding without compiling (tests use it to check
     the padding on CPU). `cuda_graph` (implies padding): replay a CUDA graph recorded by `warmup`
-    on a CUDA device (ignored elsewhere), its memory a pool of its own (True) or one shared with
-    other runners (a `GraphMemory`). Calls run under `torch.inference_mode`.
+    on a CUDA device (ignored elsewhere). Calls run under `torch.inference_mode`.
     """
 
     def __init__(
@@ -73,7 +73,7 @@ class FixedBatch(nn.Module):
         batch_size: int,
         compile_mode: str | None = None,
         *,
-        cuda_graph: bool | GraphMemory = False,
+        cuda_graph: bool = False,
         pad: bool | None = None,
         backend: str | Callable = "inductor",
     ):
@@ -86,11 +86,10 @@ class FixedBatch(nn.Module):
         self.eval()  # inference only: no dropout, BatchNorm on its running statistics
         self.batch_size = batch_size
         self.compile_mode = compile_mode
-        graphed = cuda_graph is not False
-        self.pad = compile_mode is not None or graphed if pad is None else pad
-        if graphed and not self.pad:
-            raise ValueError("a CUDA graph needs the fixed batch: cuda_graph with pad=False")
-        self.graph_memory = (GraphMemory() if cuda_graph is True else cuda_graph) if graphed else None
+        self.pad = compile_mode is not None or cuda_graph if pad is None else pad
+        if cuda_graph and not self.pad:
+            raise ValueError("a CUDA graph needs the fixed batch: cuda_graph=True with pad=False")
+        self.cuda_graph = cuda_graph
         self.graph: _GraphReplay | None = None
         """The recorded graph, once `warmup` has made it (on CUDA only)."""
         compiled = module if compile_mode is None else torch.compile(module, mode=compile_mode, backend=backend, dynamic=False)
@@ -136,17 +135,17 @@ class FixedBatch(nn.Module):
                 raise
             logger.error("torch.compile of %s failed, running it eagerly: %s", name, exc)
             object.__setattr__(self, "_run", self.module)
-            self.compile_mode, self.pad = None, self.graph_memory is not None
+            self.compile_mode, self.pad = None, self.cuda_graph
             self(*(_pad_rows(t[:1], self.batch_size if self.pad else 1) for t in example_rows))
         how = self.compile_mode or "eager"
-        if self.graph_memory is not None and self.graph is None and example_rows[0].is_cuda:
+        if self.cuda_graph and self.graph is None and example_rows[0].is_cuda:
             device = example_rows[0].device
             torch.cuda.synchronize(device)
             torch.cuda.empty_cache()  # so that the difference below is the graph's own memory
             held = torch.cuda.memory_reserved(device)
             try:
                 examples = [_pad_rows(t[:1], self.batch_size) for t in example_rows]
-                self.graph = _GraphReplay(self._run, examples, self.graph_memory)
+                self.graph = _GraphReplay(self._run, examples)
             except Exception as exc:  # noqa: BLE001 - any recording failure: run without the graph
                 logger.error("recording a CUDA graph of %s failed, running it without one: %s", name, exc)
             else:
@@ -161,35 +160,16 @@ class FixedBatch(nn.Module):
         return elapsed
 
 
-class GraphMemory:
-    """The memory pool of one or more runners' CUDA graphs, and the order their replays keep.
-
-    A graph keeps its intermediate tensors in its pool for good; graphs sharing a pool hold the
-    largest one's instead of the sum. Sharing is safe because every replay of the group is
-    serialised, on the GPU too: a replay waits until the previous one's output has been copied
-    out, since the next replay may put its intermediates there (and into its own output). So share
-    a pool only between runners called one after the other (the GPU thread's VAE encoder and
-    generator), not with one that runs meanwhile in another thread (FAN, in the face thread):
-    those would wait for each other.
-    """
-
-    def __init__(self):
-        self.pool = None
-        """The pool's handle, taken from the first graph recorded into it."""
-        self.lock = threading.Lock()
-        self.copied_out: torch.cuda.Event | None = None
-        """Recorded once the last replay's output was copied out."""
-
-
 class _GraphReplay:
     """`run` recorded once into a CUDA graph at the shapes of `examples` (full batches), replayed
     on fresh inputs: copied into the graph's input buffers, the result copied out of its output.
 
-    Safe from several threads and streams: `memory`'s lock orders the calls, and each call's
-    stream waits until the previous call's output was copied out (see `GraphMemory`).
+    Safe from several threads and streams: the lock orders the calls, and each call's stream
+    waits until the previous call's output was copied out before overwriting the buffers (the
+    next replay writes the same output memory).
     """
 
-    def __init__(self, run: Callable[..., torch.Tensor], examples: list[torch.Tensor], memory: GraphMemory):
+    def __init__(self, run: Callable[..., torch.Tensor], examples: list[torch.Tensor]):
         device = examples[0].device
         with torch.inference_mode():
             # Inference tensors, contiguous: what a compiled `run` was specialised for.
@@ -204,31 +184,29 @@ class _GraphReplay:
             torch.cuda.current_stream(device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             # thread_local: other threads may use the GPU meanwhile (a health probe, say).
-            with memory.lock, torch.cuda.graph(self.graph, pool=memory.pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.output = run(*self.inputs)
-        if memory.pool is None:
-            memory.pool = self.graph.pool()
         self.batch_size = examples[0].shape[0]
         self._device = device
-        self._memory = memory
+        self._lock = threading.Lock()
+        self._copied_out: torch.cuda.Event | None = None
 
     def __call__(self, chunk: list[torch.Tensor]) -> torch.Tensor:
         """The output rows for `chunk` (at most `batch_size` rows per input; fewer are padded
         with the last row), in a tensor of its own."""
         size = chunk[0].shape[0]
-        memory = self._memory
-        with memory.lock:
+        with self._lock:
             stream = torch.cuda.current_stream(self._device)
-            if memory.copied_out is not None:
-                stream.wait_event(memory.copied_out)
+            if self._copied_out is not None:
+                stream.wait_event(self._copied_out)
             for buffer, rows in zip(self.inputs, chunk, strict=True):
                 buffer[:size].copy_(rows)
                 if size < self.batch_size:
                     buffer[size:].copy_(rows[-1:].expand(self.batch_size - size, *rows.shape[1:]))
             self.graph.replay()
             out = self.output[:size].clone()
-            memory.copied_out = torch.cuda.Event()
-            memory.copied_out.record(stream)
+            self._copied_out = torch.cuda.Event()
+            self._copied_out.record(stream)
         return out
 
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+ALLOCATOR_ENV = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+"""The variables that configure torch's CUDA allocator: every torch version reads the first, the
+newer ones the second too."""
 
 
 def memory_bytes(device: torch.device) -> dict[str, int] | None:
@@ -18,6 +24,19 @@ def memory_bytes(device: torch.device) -> dict[str, int] | None:
         "reserved": int(torch.cuda.memory_reserved(device)),
         "max_allocated": int(torch.cuda.max_memory_allocated(device)),
     }
+
+
+def use_expandable_segments() -> None:
+    """Have torch's CUDA allocator grow segments in place rather than cache fixed-size blocks,
+    unless the operator configured the allocator (either variable of `ALLOCATOR_ENV`).
+
+    Frames of 1080p batches, crops of varying counts and several streams fragment fixed blocks:
+    measured on the H100 (2026-11-24, a 60 s new video), the most torch held during the request
+    fell from 20.1 to 12.2 GB with expandable segments, at the same speed. Read when CUDA starts,
+    so call it before the first CUDA allocation (model loading).
+    """
+    if not any(name in os.environ for name in ALLOCATOR_ENV):
+        os.environ[ALLOCATOR_ENV[0]] = "expandable_segments:True"
 
 
 def release_cached_memory(device: torch.device) -> None:

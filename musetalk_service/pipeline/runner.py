@@ -34,7 +34,7 @@ from musetalk_service.pipeline.avatar_cache import Avatar, AvatarCache, avatar_k
 from musetalk_service.pipeline.blend import FaceBlender
 from musetalk_service.pipeline.device import answers as device_answers
 from musetalk_service.pipeline.device import memory_bytes as device_memory_bytes
-from musetalk_service.pipeline.device import release_cached_memory
+from musetalk_service.pipeline.device import release_cached_memory, use_expandable_segments
 from musetalk_service.pipeline.compose import GpuComposer
 from musetalk_service.pipeline.generate import generate_faces, generate_faces_tensor
 from musetalk_service.pipeline.prepare import PREP_BATCH, AvatarBuilder
@@ -395,12 +395,14 @@ def load_models(settings: Settings, *, warm: bool = True) -> ModelBundle:
     (with its disk cache); warmed up (compiled, graphs recorded) unless `warm` is False. With
     `face.detector: haar`, without S3FD and FAN."""
     device = settings.resolved_device()
+    use_expandable_segments()
     compile_mode = settings.compile.mode_for(device)
     if compile_mode is not None:
         use_compile_cache(settings.compile.cache_dir)
     models = ModelBundle.load(
         settings.models_dir, device,
-        batch_size=settings.lipsync.batch_size, prepare_batch=PREP_BATCH, compile_mode=compile_mode,
+        batch_size=settings.lipsync.batch_size, prepare_batch=PREP_BATCH, encode_batch=PREP_BATCH // 2,
+        compile_mode=compile_mode,
         cuda_graphs=settings.compile.graphs_for(device), detector=settings.face.detector,
     )  # fmt: skip
     if warm:

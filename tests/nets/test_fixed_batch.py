@@ -188,24 +188,3 @@ def test_cuda_graph_serves_several_threads_and_streams():
         for out in outs:
             torch.testing.assert_close(out, expected)
 
-
-@cuda
-def test_runners_sharing_graph_memory_keep_each_others_results_intact():
-    """Two graphs in one pool: the second may put its intermediates where the first's output was;
-    results already returned, and replays in any order, stay right."""
-    from musetalk_service.nets.fixed_batch import GraphMemory
-
-    memory = GraphMemory()
-    first, second = _Affine().cuda(), nn.Sequential(nn.Linear(4, 64), nn.ReLU(), nn.Linear(64, 4)).cuda()
-    run_first = FixedBatch(first, 8, cuda_graph=memory)
-    run_second = FixedBatch(second, 8, cuda_graph=memory)
-    run_first.warmup(*(t.cuda() for t in _inputs(1)))
-    run_second.warmup(_inputs(1)[0].cuda())
-    assert run_first.graph is not None and run_second.graph is not None
-    x, y = (t.cuda() for t in _inputs(11))
-    outs = [(run_first(x, y), run_second(x), run_first(x[:5], y[:5])) for _ in range(3)]
-    with torch.inference_mode():
-        expected = (first.linear(x) * y, second(x), first.linear(x[:5]) * y[:5])
-    for triple in outs:
-        for out, want in zip(triple, expected):
-            torch.testing.assert_close(out, want)
