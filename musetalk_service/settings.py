@@ -37,7 +37,8 @@ class EncodeSettings(BaseModel):
     workers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
         "auto",
         description="ffmpeg encoders running in parallel on consecutive segments, joined without "
-        "re-encoding; auto: by frame size and cores (4 at 1080p on 8+ cores, 1 on 2 cores).",
+        "re-encoding; auto: by frame size, pipe format and cores (GPU compose, yuv420p: 1 at 1080p, 4 at 4K; "
+        "numpy compose, bgr24: 4 at 1080p on 8+ cores; 1 on 2 cores).",
     )
     segment_frames: int = Field(250, ge=16, description="Frames per segment when workers > 1 (x264's keyframe interval).")
 

@@ -58,8 +58,13 @@ MAX_ENCODE_WORKERS = 4
 """Beyond 4 parallel encoders the 16-core host gains little (field notes: 377 -> 409 fps from
 yuv420p going from 2 to 4); more processes only add memory and segment joins."""
 
-_PIXELS_PER_WORKER = 960 * 540
-"""One encoder per quarter of 1080p: 1080p gets 4, 720p 2, 540p and smaller 1."""
+_PIXELS_PER_WORKER = {"bgr24": 960 * 540, "yuv420p": 1920 * 1080}
+"""Frame pixels per encoder, by the pipe's pixel format. From bgr24 ffmpeg converts every frame to
+yuv420p itself, and one process tops out near 194 fps at 1080p: one per quarter of 1080p (1080p
+gets 4, 720p 2). From yuv420p one encoder does 295 fps alone, and in a 1080p request on the H100
+(2026-11-24, 60 s, warm, twice each) one made 143.6 / 153.1 fps against 142.1 / 151.7 with 4, its
+request adding 0.3 GB of resident memory instead of 1.3-1.8 GB (4 segments queue up to 1016
+frames): one per 1080p frame (1440p gets 2, 4K 4)."""
 
 _CORES_PER_WORKER = 2
 """Each libx264 process needs its share of cores (bgr24->yuv420p conversion plus x264 threads):
@@ -76,16 +81,18 @@ _ABORT = object()
 """Queue item: the segment is being abandoned; leave its encoder the failure way."""
 
 
-def encode_workers_for(width: int, height: int, cpu_count: int | None) -> int:
-    """How many ffmpeg encoders to run in parallel for `width`x`height` frames on `cpu_count`
-    cores (`os.cpu_count()`; None counts as 1).
+def encode_workers_for(width: int, height: int, cpu_count: int | None, pix_fmt: str = "bgr24") -> int:
+    """How many ffmpeg encoders to run in parallel for `width`x`height` frames piped as `pix_fmt`
+    on `cpu_count` cores (`os.cpu_count()`; None counts as 1).
 
-    One per quarter of 1080p's pixels, at most one per 2 cores and at most 4: 1080p on 8+ cores
-    gets 4 (field notes, 16 cores, veryfast: 194 / 311 / 390 fps from bgr24 with 1 / 2 / 4
-    encoders, 295 / 377 / 409 fps from yuv420p), 720p gets 2, smaller frames 1, where one
-    encoder is already several times faster than 1080p and segments would only add joins.
+    One per `_PIXELS_PER_WORKER` (by the pipe's format), at most one per 2 cores and at most 4
+    (field notes, 16 cores, veryfast: 194 / 311 / 390 fps from bgr24 with 1 / 2 / 4 encoders,
+    295 / 377 / 409 fps from yuv420p). Where one encoder keeps up, segments would only add
+    joins and frames queued in memory.
     """
-    by_size = math.ceil(width * height / _PIXELS_PER_WORKER)
+    if pix_fmt not in _PIXELS_PER_WORKER:
+        raise ValueError(f"pix_fmt must be one of {sorted(_PIXELS_PER_WORKER)}, got {pix_fmt!r}")
+    by_size = math.ceil(width * height / _PIXELS_PER_WORKER[pix_fmt])
     by_cores = (cpu_count or 1) // _CORES_PER_WORKER
     return max(1, min(MAX_ENCODE_WORKERS, by_size, by_cores))
 

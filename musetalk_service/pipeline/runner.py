@@ -29,6 +29,7 @@ from musetalk_service.media.segments import SegmentedEncoder, encode_workers_for
 from musetalk_service.media.probe import VideoInfo, probe_audio, probe_video
 from musetalk_service.nets.bundle import ModelBundle
 from musetalk_service.nets.fixed_batch import use_compile_cache
+from musetalk_service.nets.loading import release_freed_host_memory
 from musetalk_service.pipeline.audio import AudioFeatures
 from musetalk_service.pipeline.avatar_cache import Avatar, AvatarCache, avatar_key, prep_options, weights_fingerprint
 from musetalk_service.pipeline.blend import FaceBlender
@@ -102,7 +103,7 @@ class LipsyncPipeline:
             return self._run(request, timer, work_dir, progress or _no_progress, cancel)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
-            release_cached_memory(self.models.device)
+            self._release_memory()
 
     def prepare_avatar(self, request: LipsyncRequest, cancel: threading.Event | None = None) -> Avatar:
         """Prepare the request's video ahead of time (or fetch it from the cache): its avatar."""
@@ -110,7 +111,7 @@ class LipsyncPipeline:
         try:
             return self._avatar(request, video, self._fps(request, video), PhaseTimer(sync=self._sync), _no_progress, cancel)
         finally:
-            release_cached_memory(self.models.device)
+            self._release_memory()
 
     def list_avatars(self) -> list[dict]:
         return self.avatars.list() if self.avatars is not None else []
@@ -293,7 +294,7 @@ class LipsyncPipeline:
         settings = self.settings.encode
         workers = settings.workers
         if workers == "auto":
-            workers = encode_workers_for(video.width, video.height, os.cpu_count())
+            workers = encode_workers_for(video.width, video.height, os.cpu_count(), pix_fmt)
         if workers == 1:
             return VideoEncoder(path, video.width, video.height, fps, self.encoder, self.ffmpeg, input_pix_fmt=pix_fmt)
         return SegmentedEncoder(
@@ -382,6 +383,14 @@ class LipsyncPipeline:
     def gpu_memory(self) -> dict[str, int] | None:
         """Bytes allocated and reserved by torch on the GPU; None on the CPU. Never blocks."""
         return device_memory_bytes(self.models.device)
+
+    def _release_memory(self) -> None:
+        """Give what a finished request freed back to the system: the GPU blocks torch cached
+        (`release_cached_memory`) and the host heap glibc keeps. Without the latter, resident
+        memory crept from 2.4 to 6.4 GB over 9 requests on the H100 (2026-11-24) while what was
+        alive stayed the same; with it each request started at 2.8 GB."""
+        release_cached_memory(self.models.device)
+        release_freed_host_memory()
 
     def device_ok(self) -> bool:
         """A tiny op on the device, waited for (True on the CPU). Blocks if the GPU has stopped

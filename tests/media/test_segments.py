@@ -354,5 +354,18 @@ def test_arguments_checked_up_front(ffmpeg_exe, x264, tmp_path):
         (256, 256, 16, 1),
     ],
 )
-def test_encode_workers_for(width, height, cpus, workers):
-    assert encode_workers_for(width, height, cpus) == workers
+def test_encode_workers_for_bgr24(width, height, cpus, workers):
+    assert encode_workers_for(width, height, cpus) == workers == encode_workers_for(width, height, cpus, "bgr24")
+
+
+@pytest.mark.parametrize(
+    "width, height, cpus, workers",
+    [(1920, 1080, 16, 1), (2560, 1440, 16, 2), (3840, 2160, 16, 4), (3840, 2160, 4, 2), (1280, 720, 16, 1)],
+)
+def test_encode_workers_for_yuv420p_one_per_1080p_frame(width, height, cpus, workers):
+    assert encode_workers_for(width, height, cpus, "yuv420p") == workers
+
+
+def test_encode_workers_for_refuses_an_unknown_pixel_format():
+    with pytest.raises(ValueError, match="pix_fmt"):
+        encode_workers_for(1920, 1080, 16, "rgb24")
