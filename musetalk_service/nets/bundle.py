@@ -126,9 +126,9 @@ class ModelBundle:
                 generator=FixedBatch(
                     _ready(FaceGenerator(unet, vae, pe), device, dtype), batch_size, compile_mode, cuda_graph=cuda_graphs
                 ),
-                # No graph: at this batch its launches cost nothing next to its kernels, and its
-                # graph would hold 6 GB (nets/fixed_batch.py). Half a preparation run per call:
-                # the same speed, half the activations (about 3 GB at 32 rows).
+                # No graph: at this batch its launches cost little next to its kernels, and its
+                # graph held 6.1 GB (nets/fixed_batch.py). Half a preparation run per call, which
+                # halves its activations (a cold 120 s request's live peak: 5.3-5.5 GB on the H100).
                 latent_encoder=FixedBatch(FaceLatentEncoder(vae), encode_batch, compile_mode),
                 device=device,
                 dtype=dtype,

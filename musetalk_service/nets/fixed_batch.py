@@ -20,7 +20,7 @@ kernels instead of compiling them again.
 `cuda_graph`: on CUDA, `warmup` also records the (compiled) network into one `torch.cuda.CUDAGraph`
 at the fixed batch, and each chunk is then copied into the graph's input buffers and replayed:
 one launch instead of the hundreds of kernel launches Python makes per call (measured on the H100,
-2026-11-23: 2.2 ms of CPU per output frame for the UNet + VAE decoder, the warm path's bound).
+2026-11-24: 2.2 ms of CPU per output frame for the UNet + VAE decoder, the warm path's bound).
 This is our own capture, not torch.compile's `reduce-overhead`: its CUDA graph trees belong to
 the thread that recorded them, and our networks run in the face and GPU threads of a request
 (with `reduce-overhead` the first request hung). A graph's intermediate tensors live in a memory
