@@ -1,4 +1,5 @@
-"""Cheap questions to the compute device, for the service's probes and metrics."""
+"""The compute device's housekeeping: cheap questions for the service's probes and metrics, the
+CUDA allocator's configuration, and giving memory back between requests."""
 
 from __future__ import annotations
 
