@@ -90,7 +90,9 @@ class CompileSettings(BaseModel):
         "default", description="torch.compile mode; see docs/benchmarks.md for what each measured."
     )
     cuda_graphs: bool = Field(
-        True, description="Replay each compiled network as one CUDA graph (CUDA only): no per-kernel launch cost."
+        True,
+        description="Replay the compiled UNet + VAE decoder and FAN as CUDA graphs recorded at warm-up (CUDA "
+        "only): one launch per batch instead of one per kernel.",
     )
     cache_dir: Path = Field(
         Path("~/.cache/musetalk-service/torch-compile"),

@@ -61,12 +61,14 @@ def load_state_dict(path: str | Path) -> StateDict:
 
 
 def release_freed_host_memory() -> bool:
-    """Hand the heap memory freed since loading back to the OS; False where that is not possible.
+    """Hand the heap memory freed so far back to the OS; False where that is not possible.
 
-    torch.load reads a checkpoint into many heap blocks of a few MB; once the weights are copied
-    to the GPU (and to fp16) those blocks are free, but glibc keeps them mapped, so the process
-    stays resident at its loading peak (4-5 GB on the H100 box for the full MuseTalk set, most of
-    it the 3.4 GB fp32 UNet). malloc_trim returns them. Only glibc has it (not musl, not macOS).
+    glibc keeps freed heap blocks mapped, so without this the process stays resident at its
+    highest point. Called after loading: torch.load reads a checkpoint into many blocks of a few
+    MB, free once the weights are on the GPU (4-5 GB resident on the H100 box for the full set,
+    most of it the 3.4 GB fp32 UNet). And after each request (`LipsyncPipeline`): frame batches
+    freed there kept resident memory creeping from request to request. Only glibc has
+    malloc_trim (not musl, not macOS).
     """
     try:
         malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
