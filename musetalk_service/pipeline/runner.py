@@ -7,6 +7,7 @@ keep only its face box, its 8x32x32 latent and (every `mask_every` frames) a ble
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -24,7 +25,7 @@ from musetalk_service.media.audio import load_audio
 from musetalk_service.media.decode import VideoReader
 from musetalk_service.media.encode import EncoderChoice, VideoEncoder, choose_encoder
 from musetalk_service.media.ffmpeg import find_ffmpeg
-from musetalk_service.media.mux import mux_audio
+from musetalk_service.media.mux import Mp4Audio, mux_audio
 from musetalk_service.media.segments import SegmentedEncoder, encode_workers_for
 from musetalk_service.media.probe import VideoInfo, probe_audio, probe_video
 from musetalk_service.nets.bundle import ModelBundle
@@ -100,7 +101,8 @@ class LipsyncPipeline:
         timer = PhaseTimer(sync=self._sync)
         work_dir = Path(tempfile.mkdtemp(prefix="musetalk-", dir=self.settings.work_dir))
         try:
-            return self._run(request, timer, work_dir, progress or _no_progress, cancel)
+            with contextlib.ExitStack() as resources:
+                return self._run(request, timer, work_dir, resources, progress or _no_progress, cancel)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
             self._release_memory()
@@ -119,12 +121,13 @@ class LipsyncPipeline:
     def delete_avatar(self, avatar_id: str) -> bool:
         return self.avatars.delete(avatar_id) if self.avatars is not None else False
 
-    def _run(self, request: LipsyncRequest, timer: PhaseTimer, work_dir: Path, progress: Progress, cancel: threading.Event | None) -> LipsyncResult:
-        # 1. Check inputs: probe both files before any model work.
+    def _run(self, request: LipsyncRequest, timer: PhaseTimer, work_dir: Path, resources: contextlib.ExitStack, progress: Progress, cancel: threading.Event | None) -> LipsyncResult:
+        # 1. Check inputs: probe both files before any model work. The speech track for the MP4
+        #    (AAC where its codec needs it) is made from here on, beside the video work.
         request = self._resolve_avatar(request)
         with timer.phase("read"):
             video = probe_video(request.video_path)
-            probe_audio(request.audio_path)
+            speech = resources.enter_context(Mp4Audio(request.audio_path, probe_audio(request.audio_path), work_dir, self.ffmpeg))
         fps = self._fps(request, video)
 
         # 2. Audio: whisper features for the whole track; the output has floor(seconds * fps) frames.
@@ -254,9 +257,9 @@ class LipsyncPipeline:
         if builder is not None and self.avatars is not None:
             self.avatars.put(avatar)
 
-        # 5. Mux: the video stream as encoded, the request's audio copied or encoded to AAC.
+        # 5. Mux: the video stream as encoded, the speech track as `Mp4Audio` made it.
         with timer.phase("mux"):
-            mux_audio(silent_video, request.audio_path, request.output_path, self.ffmpeg)
+            mux_audio(silent_video, speech.path(), request.output_path, self.ffmpeg)
         progress("done", total, total)
         return LipsyncResult(
             output_path=request.output_path,

@@ -62,28 +62,6 @@ def metric(client: httpx.Client, name: str, **labels) -> float:
 # --- process resources -------------------------------------------------------------------------
 
 
-def child_processes() -> list[tuple[int, str]]:
-    """(pid, command line) of this process's children, zombies included."""
-    me = os.getpid()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            if ppid == me:
-                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                found.append((int(entry), cmd or stat.split("(", 1)[1].split(")", 1)[0]))
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
-
-
-def ffmpeg_children() -> list[tuple[int, str]]:
-    return [(pid, cmd) for pid, cmd in child_processes() if "ffmpeg" in cmd]
-
-
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests.api.conftest import SMALL_FACE_BOX
-from tests.api.helpers import ffmpeg_children, files_under, metric, wait_job, wait_until
+from tests.api.helpers import files_under, metric, wait_job, wait_until
+from tests.fixtures.processes import ffmpeg_children
 
 
 def body(video: Path, audio: Path, **extra) -> dict:

@@ -15,12 +15,12 @@ from tests.api.conftest import SMALL_FACE_BOX
 from tests.api.helpers import (
     ControlledPipeline,
     assert_error,
-    ffmpeg_children,
     files_under,
     metric,
     wait_job,
     wait_until,
 )
+from tests.fixtures.processes import ffmpeg_children
 
 
 def body(video: Path, audio: Path, **extra) -> dict:

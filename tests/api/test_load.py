@@ -19,7 +19,8 @@ from pathlib import Path
 import httpx
 
 from tests.api.conftest import SMALL_FACE_BOX
-from tests.api.helpers import child_processes, fd_targets, files_under, metric, native_threads, wait_until
+from tests.api.helpers import fd_targets, files_under, metric, native_threads, wait_until
+from tests.fixtures.processes import child_processes
 
 CLIENTS = 8
 REQUESTS_PER_CLIENT = 25

@@ -1,4 +1,5 @@
-"""Muxing speech onto the rendered video: streams, copy vs AAC, exact duration, atomic output."""
+"""Muxing speech onto the rendered video: streams, copy vs AAC, exact duration, atomic output;
+the speech track made beside the video (`Mp4Audio`)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import pytest
 
 from musetalk_service.errors import BadAudio, FFmpegError, NoVideoStream, OutputNotWritable
 from musetalk_service.media.ffmpeg import file_arg, run_ffmpeg
-from musetalk_service.media.mux import mux_audio
-from musetalk_service.media.probe import count_video_frames, probe_audio
+from musetalk_service.media.mux import Mp4Audio, mux_audio
+from musetalk_service.media.probe import AudioInfo, count_video_frames, probe_audio
+from tests.fixtures.processes import ffmpeg_children
 
 from .conftest import lavfi_video
 
@@ -123,3 +125,43 @@ def test_mux_is_not_truncated_to_the_video(ffmpeg_exe, make_audio, tmp_path):
     mux_audio(video, make_audio(2.0, ".wav"), tmp_path / "out.mp4", ffmpeg_exe)
     with av.open(str(tmp_path / "out.mp4")) as container:
         assert container.duration / av.time_base == pytest.approx(2.0, abs=0.05)
+
+
+@pytest.mark.parametrize("ext, encoded", [(".wav", True), (".flac", True), (".mp3", False), (".m4a", False)])
+def test_mp4_audio_is_the_track_the_mux_copies(ffmpeg_exe, make_audio, rendered_video, tmp_path, ext, encoded):
+    """A codec MP4 takes is the request's own file; another is AAC made in the work folder, whole,
+    and the mux then copies it rather than encoding again."""
+    audio = make_audio(AUDIO_S, ext)
+    work = tmp_path / "work"
+    work.mkdir()
+    with Mp4Audio(audio, probe_audio(audio), work, ffmpeg_exe) as speech:
+        track = speech.path()
+    if encoded:
+        assert track.parent == work
+        assert probe_audio(track).codec == "aac"
+        assert abs(probe_audio(track).duration_s - probe_audio(audio).duration_s) <= 1 / FPS
+    else:
+        assert track == audio
+        assert list(work.iterdir()) == []
+    out = tmp_path / "out.mp4"
+    mux_audio(rendered_video, track, out, ffmpeg_exe)
+    assert _packets(out, "audio") == _packets(track, "audio")
+    assert ffmpeg_children() == []
+
+
+def test_mp4_audio_stops_its_encoder_when_the_request_fails(ffmpeg_exe, make_audio, tmp_path):
+    audio = make_audio(20.0, ".wav")
+    with pytest.raises(RuntimeError, match="the video failed"):
+        with Mp4Audio(audio, probe_audio(audio), tmp_path, ffmpeg_exe):
+            assert len(ffmpeg_children()) == 1  # encoding beside the caller's work
+            raise RuntimeError("the video failed")
+    assert ffmpeg_children() == []  # killed and reaped, not left running or as a zombie
+
+
+def test_mp4_audio_reports_a_failed_encoding(ffmpeg_exe, tmp_path):
+    not_audio = tmp_path / "speech.wav"
+    not_audio.write_text("not a WAV file")
+    with Mp4Audio(not_audio, AudioInfo("pcm_s16le", 16000, 1, 1.0), tmp_path, ffmpeg_exe) as speech:
+        with pytest.raises(FFmpegError, match="encoding .*speech.wav to AAC"):
+            speech.path()
+    assert ffmpeg_children() == []

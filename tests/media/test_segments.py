@@ -24,6 +24,8 @@ from musetalk_service.media.segments import (
     encode_workers_for,
 )
 
+from tests.fixtures.processes import ffmpeg_children
+
 from .conftest import decode_all, pid_alive
 
 W, H = 128, 96
@@ -82,23 +84,6 @@ def expected_segment_starts(count: int, segment_frames: int) -> list[int]:
     if len(starts) > 1 and count - starts[-1] < MIN_SEGMENT_FRAMES:
         starts.pop()
     return starts
-
-
-def ffmpeg_children() -> list[str]:
-    """This process's child processes that are ffmpeg (zombies included), from /proc."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue  # exited meanwhile
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        state, ppid = stat[stat.rindex(")") + 2 :].split()[:2]
-        if int(ppid) == os.getpid() and "ffmpeg" in name:
-            found.append(f"{entry.name} {name} {state}")
-    return found
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from musetalk_service.media.probe import count_video_frames, probe_audio, probe_
 from musetalk_service.pipeline.request import LipsyncRequest
 from musetalk_service.pipeline.result import PHASES
 from musetalk_service.pipeline.source import pingpong_index
+from tests.fixtures.processes import ffmpeg_children
 
 FACE_BOX = (64, 72, 192, 224)
 """Inside the 256x256 test clips, around the astronaut's face."""
@@ -162,23 +163,6 @@ def test_bad_inputs_raise_their_errors_and_write_nothing(tiny_pipeline, tmp_path
     assert list(Path(tiny_pipeline.settings.work_dir).iterdir()) == []
 
 
-def _ffmpeg_children() -> list[int]:
-    me = os.getpid()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == me and b"ffmpeg" in cmdline:
-            found.append(int(entry.name))
-    return found
-
-
 def test_killing_ffmpeg_mid_encode_fails_cleanly(tiny_pipeline, tmp_path, make_video, make_audio):
     """The encoder dies under the pipeline: FFmpegError, no output, no temp files, no ffmpeg left."""
     video, audio = make_video(2.0, 25, (128, 128)), make_audio(2.0, ".wav")
@@ -186,7 +170,7 @@ def test_killing_ffmpeg_mid_encode_fails_cleanly(tiny_pipeline, tmp_path, make_v
 
     def kill_encoder(phase: str, done: int, total: int) -> None:
         if phase == "frames" and not killed.is_set():
-            for pid in _ffmpeg_children():
+            for pid, _ in ffmpeg_children():
                 os.kill(pid, 9)
             killed.set()
 
@@ -202,7 +186,7 @@ def test_killing_ffmpeg_mid_encode_fails_cleanly(tiny_pipeline, tmp_path, make_v
     assert not (tmp_path / "out.mp4").exists()
     assert list(tmp_path.iterdir()) == []
     assert list(Path(tiny_pipeline.settings.work_dir).iterdir()) == []
-    assert _ffmpeg_children() == []
+    assert ffmpeg_children() == []
 
 
 def test_cancel_stops_the_run_between_batches_and_leaves_nothing(tiny_pipeline, tmp_path, make_video, make_audio):
@@ -226,7 +210,7 @@ def test_cancel_stops_the_run_between_batches_and_leaves_nothing(tiny_pipeline, 
     assert seen and seen[-1] < 50  # stopped well before the 50 frames
     assert list(tmp_path.iterdir()) == []
     assert list(Path(tiny_pipeline.settings.work_dir).iterdir()) == []
-    assert _ffmpeg_children() == []
+    assert ffmpeg_children() == []
 
 
 def test_a_video_seen_before_reuses_its_avatar(tiny_pipeline, tmp_path, make_video, make_audio):
