@@ -4,7 +4,10 @@ joined into one MP4 without re-encoding.
 Why: the H100, H200 and A100 have no NVENC, and one libx264 fed from a pipe tops out at 1080p near
 165 fps from bgr24, 295 fps from yuv420p (veryfast), below what the GPU stages produce. Encoders
 in parallel on the 16-core host reach 311 / 390 fps from bgr24 and 377 / 409 fps from yuv420p
-(2 / 4 encoders; /work/shared/docs/field-notes.md, section 2).
+(2 / 4 encoders; /work/shared/docs/field-notes.md, section 2). Past that the host's cores are the
+limit: on the benchmark's 1080p talking head one veryfast encoder made 198 fps on 11.5 of the 16
+cores and four together 232 fps on 13.8; one superfast (the default preset) made 295 fps alone
+(docs/benchmarks.md, session 6).
 
 How: the frames are cut into consecutive segments of `segment_frames`. Each segment is its own
 `VideoEncoder` (its own ffmpeg, so it starts with an IDR frame) writing an intermediate MP4, fed
