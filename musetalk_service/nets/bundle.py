@@ -127,8 +127,10 @@ class ModelBundle:
                     _ready(FaceGenerator(unet, vae, pe), device, dtype), batch_size, compile_mode, cuda_graph=cuda_graphs
                 ),
                 # No graph: at this batch its launches cost little next to its kernels, and its
-                # graph held 6.1 GB (nets/fixed_batch.py). Half a preparation run per call, which
-                # halves its activations (a cold 120 s request's live peak: 5.3-5.5 GB on the H100).
+                # graph held 6.1 GB (nets/fixed_batch.py). Its activations set a new video's
+                # memory peak: at 16 rows (32 images of 256x256), 2.0 GB of the 2.7 GB alive above
+                # the ready state at the peak (torch's allocator history on the H100, 2026-11-24),
+                # hence small calls (runner.load_models: a quarter of a preparation run).
                 latent_encoder=FixedBatch(FaceLatentEncoder(vae), encode_batch, compile_mode),
                 device=device,
                 dtype=dtype,

@@ -413,7 +413,7 @@ def load_models(settings: Settings, *, warm: bool = True) -> ModelBundle:
         use_compile_cache(settings.compile.cache_dir)
     models = ModelBundle.load(
         settings.models_dir, device,
-        batch_size=settings.lipsync.batch_size, prepare_batch=PREP_BATCH, encode_batch=PREP_BATCH // 2,
+        batch_size=settings.lipsync.batch_size, prepare_batch=PREP_BATCH, encode_batch=PREP_BATCH // 4,
         compile_mode=compile_mode,
         cuda_graphs=settings.compile.graphs_for(device), detector=settings.face.detector,
     )  # fmt: skip
