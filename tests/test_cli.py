@@ -174,3 +174,6 @@ def test_bench_runs_the_real_pipeline_and_writes_its_report(tiny_models_dir, tmp
         assert 0 < run["host_rss_before_gb"] <= run["host_rss_run_peak_gb"] <= run["host_rss_peak_gb"], run
         assert 0 < run["host_cpu_busy"] <= 1, run  # the request kept at least part of a core busy
         assert run["gpu_memory_peak_gb"] is None and run["gpu_reserved_peak_gb"] is None, run  # CPU run
+        assert run["verdict"]["bound_by"] and "gpu_held_met" not in run["verdict"], run
+    assert report["runs"]["cold"]["verdict"]["target_fps"] == 150 and "face_box" in done.stdout
+    assert done.stdout.count("bound by the ") == 3
