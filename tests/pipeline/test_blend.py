@@ -15,6 +15,7 @@ from musetalk_service.pipeline.blend import (
     FaceBlender,
     ParsingMask,
     _CachedMask,
+    _parser_input,
     crop_square,
     parsing_region,
     square_mask,
@@ -234,3 +235,25 @@ def test_real_parser_batches_and_gives_square_masks(tiny_bundle, mode):
     masks = ParsingMask(tiny_bundle, mode)([frame, frame], boxes)
     assert [m.shape for m in masks] == [(180, 180), (90, 90)]
     assert all(m.dtype == np.uint8 for m in masks)
+
+
+def test_masks_made_on_threads_are_each_their_own_frames_and_boxes(tiny_bundle):
+    """More squares than threads and than one BiSeNet batch: each mask is its own frame's and
+    box's, as made one at a time from the same label maps."""
+    parser = ParsingMask(tiny_bundle, "jaw")
+    frames = [_scene(seed)[0] for seed in range(11)]
+    boxes = [(40 + 7 * i, 30 + 3 * i, 150 + 5 * i, 170 + 2 * i) for i in range(11)]
+    squares = [crop_square(box)[0] for box in boxes]
+    seen = []
+    hook = tiny_bundle.face_parser.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        labels = parser.labels(frames, squares)
+    finally:
+        hook.remove()
+    pixels = torch.cat(seen)  # BiSeNet saw each frame's own square, in order
+    for i, (frame, square) in enumerate(zip(frames, squares)):
+        bgr = torch.from_numpy(_parser_input(frame, square)).permute(2, 0, 1).flip(0).float()
+        torch.testing.assert_close(pixels[i], ((bgr[None] - parser._mean) / parser._std)[0])
+    masks = parser(frames, boxes)
+    for label_map, box, square, mask in zip(labels, boxes, squares, masks):
+        np.testing.assert_array_equal(mask, square_mask(parsing_region(label_map, "jaw"), box, square))
