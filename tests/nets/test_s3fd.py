@@ -76,6 +76,29 @@ def test_first_head_max_pools_three_background_logits(tiny):
     torch.testing.assert_close(conf[:, 1], raw[0][:, 3])
 
 
+def test_detection_heads_see_the_vgg_features_as_the_layers_compute_them(tiny):
+    """The forward overwrites activations in place to save memory; the features each head reads
+    must still be the plain layer-by-layer ones (face-alignment's net_s3fd.py order)."""
+    seen = {}
+    for name in ("conv3_3_norm", "conv4_3_norm", "conv5_3_norm", "fc7_mbox_conf"):
+        tiny.get_submodule(name).register_forward_hook(lambda module, args, out, name=name: seen.setdefault(name, args[0].clone()))
+    x = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        tiny(x)
+        h, expected = x, {}
+        for stage in (("conv1_1", "conv1_2"), ("conv2_1", "conv2_2"), ("conv3_1", "conv3_2", "conv3_3"),
+                      ("conv4_1", "conv4_2", "conv4_3"), ("conv5_1", "conv5_2", "conv5_3")):  # fmt: skip
+            for name in stage:
+                h = torch.relu(tiny.get_submodule(name)(h))
+            if stage[-1] in ("conv3_3", "conv4_3", "conv5_3"):
+                expected[f"{stage[-1]}_norm"] = h
+            h = torch.max_pool2d(h, 2, 2)
+        expected["fc7_mbox_conf"] = torch.relu(tiny.fc7(torch.relu(tiny.fc6(h))))
+    assert set(seen) == set(expected)
+    for name, features in expected.items():
+        torch.testing.assert_close(seen[name], features, msg=name)
+
+
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_tiny_weights_load_back_with_the_width_inferred(tiny, tmp_path, suffix):
     with torch.no_grad():
