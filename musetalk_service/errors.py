@@ -88,6 +88,13 @@ class FFmpegError(ServiceError):
         self.stderr_tail = stderr_tail
 
 
+class GpuMemoryExhausted(ServiceError):
+    """A request needed more GPU memory than the cap (`gpu_memory_gb`) or the device has."""
+
+    code = "gpu_memory_exhausted"
+    status = 503
+
+
 class WeightsError(ServiceError):
     """Weights are missing or malformed; the message names the file and the command that fixes it."""
 

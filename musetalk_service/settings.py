@@ -149,6 +149,13 @@ class Settings(BaseSettings):
 
     models_dir: Path = Field(Path("models"), description="The weights folder (layout in models/README.md).")
     device: str = Field("auto", description="auto: cuda:0 when CUDA is available, else cpu.")
+    gpu_memory_gb: float | None = Field(
+        8.0,
+        gt=0,
+        description="The most GPU memory torch may hold (CUDA; null: no cap). At the cap torch first "
+        "gives back the blocks it caches; only a request whose live tensors need more fails "
+        "(gpu_memory_exhausted). The platform shares the GPU with its TTS.",
+    )
     compose: Literal["auto", "device", "numpy"] = Field(
         "auto",
         description="Where generated faces are blended into the frames. device: torch on the model "

@@ -61,3 +61,12 @@ def test_expandable_segments_are_the_default_unless_the_operator_configured_the_
     monkeypatch.setenv(ALLOCATOR_ENV[1], "max_split_size_mb:128")
     use_expandable_segments()
     assert ALLOCATOR_ENV[0] not in os.environ  # the operator's setting stands alone
+
+
+def test_gpu_memory_is_capped_at_8_gb_unless_configured(monkeypatch):
+    assert load_settings().gpu_memory_gb == 8.0
+    monkeypatch.setenv("MUSETALK_GPU_MEMORY_GB", "20")
+    assert load_settings().gpu_memory_gb == 20.0
+    monkeypatch.setenv("MUSETALK_GPU_MEMORY_GB", "0")
+    with pytest.raises(ValueError, match="gpu_memory_gb"):
+        load_settings()

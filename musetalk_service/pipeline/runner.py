@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from musetalk_service.errors import AvatarNotFound, BadAudio, Cancelled, InvalidOption, NoFace
+from musetalk_service.errors import AvatarNotFound, BadAudio, Cancelled, GpuMemoryExhausted, InvalidOption, NoFace
 from musetalk_service.media.audio import load_audio
 from musetalk_service.media.decode import VideoReader
 from musetalk_service.media.encode import EncoderChoice, VideoEncoder, choose_encoder
@@ -36,7 +36,7 @@ from musetalk_service.pipeline.avatar_cache import Avatar, AvatarCache, avatar_k
 from musetalk_service.pipeline.blend import FaceBlender
 from musetalk_service.pipeline.device import answers as device_answers
 from musetalk_service.pipeline.device import memory_bytes as device_memory_bytes
-from musetalk_service.pipeline.device import release_cached_memory, use_expandable_segments
+from musetalk_service.pipeline.device import cap_memory, release_cached_memory, use_expandable_segments
 from musetalk_service.pipeline.compose import GpuComposer
 from musetalk_service.pipeline.generate import generate_faces, generate_faces_tensor
 from musetalk_service.pipeline.prepare import PREP_BATCH, AvatarBuilder
@@ -101,17 +101,28 @@ class LipsyncPipeline:
         timer = PhaseTimer(sync=self._sync)
         work_dir = Path(tempfile.mkdtemp(prefix="musetalk-", dir=self.settings.work_dir))
         try:
-            with contextlib.ExitStack() as resources:
+            with self._gpu_memory_named(), contextlib.ExitStack() as resources:
                 return self._run(request, timer, work_dir, resources, progress or _no_progress, cancel)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
             self._release_memory()
 
+    @contextlib.contextmanager
+    def _gpu_memory_named(self):
+        """torch's out-of-memory error as the service's, naming the cap that was reached."""
+        try:
+            yield
+        except torch.OutOfMemoryError as exc:
+            limit = self.settings.gpu_memory_gb
+            allowed = "the GPU has" if limit is None else f"gpu_memory_gb={limit:g} allows"
+            raise GpuMemoryExhausted(f"the request needed more GPU memory than {allowed} ({str(exc).splitlines()[0]})") from exc
+
     def prepare_avatar(self, request: LipsyncRequest, cancel: threading.Event | None = None) -> Avatar:
         """Prepare the request's video ahead of time (or fetch it from the cache): its avatar."""
         video = probe_video(request.video_path)
         try:
-            return self._avatar(request, video, self._fps(request, video), PhaseTimer(sync=self._sync), _no_progress, cancel)
+            with self._gpu_memory_named():
+                return self._avatar(request, video, self._fps(request, video), PhaseTimer(sync=self._sync), _no_progress, cancel)
         finally:
             self._release_memory()
 
@@ -408,6 +419,7 @@ def load_models(settings: Settings, *, warm: bool = True) -> ModelBundle:
     `face.detector: haar`, without S3FD and FAN."""
     device = settings.resolved_device()
     use_expandable_segments()
+    cap_memory(device, settings.gpu_memory_gb)
     compile_mode = settings.compile.mode_for(device)
     if compile_mode is not None:
         use_compile_cache(settings.compile.cache_dir)

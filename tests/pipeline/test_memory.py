@@ -67,3 +67,32 @@ def test_a_request_gives_its_gpu_memory_back_when_it_ends(tiny_settings, tmp_pat
     pipeline.run(replace(request, face_box=(100, 40, 220, 200)))
     assert torch.cuda.max_memory_reserved() > held_before  # the request did allocate
     assert torch.cuda.memory_reserved() <= held_before
+
+
+CAP_SCRIPT = """
+import torch
+from musetalk_service.pipeline.device import cap_memory
+MB = 2**20
+cap_memory(torch.device("cuda:0"), 0.5)
+side = torch.cuda.Stream()
+for stream in (torch.cuda.current_stream(), side, torch.cuda.current_stream(), side):
+    with torch.cuda.stream(stream):  # each stream caches its freed block; the cap makes torch give them back
+        block = torch.empty(300 * MB, dtype=torch.uint8, device="cuda")
+        del block
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_reserved() <= 512 * MB, torch.cuda.memory_reserved()
+try:
+    torch.empty(600 * MB, dtype=torch.uint8, device="cuda")
+except torch.OutOfMemoryError:
+    print("capped")
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_gpu_memory_cap_gives_cached_blocks_back_and_refuses_live_memory_beyond_it():
+    """Own process: the cap holds for the whole process. Blocks cached on two streams would
+    hold 600 MB under a 512 MB cap; torch hands them back instead, and only live memory past
+    the cap fails."""
+    done = subprocess.run([sys.executable, "-c", CAP_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "capped"

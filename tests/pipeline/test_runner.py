@@ -349,3 +349,27 @@ def _yuv_planes(frames: np.ndarray) -> list[np.ndarray]:
     from musetalk_service.pipeline.compose import yuv420p_planes
 
     return [np.stack(p).astype(int) for p in zip(*(yuv420p_planes(f, 256, 256) for f in frames))]
+
+
+def test_running_out_of_gpu_memory_names_the_cap_and_leaves_nothing(tiny_pipeline, tmp_path, make_video, make_audio, monkeypatch):
+    """torch's OutOfMemoryError (raised here by hand: a CPU has no GPU to fill) comes out as the
+    service's error naming the setting, with nothing left behind."""
+    import torch
+
+    import musetalk_service.pipeline.runner as runner
+    from musetalk_service.errors import GpuMemoryExhausted
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+
+    monkeypatch.setattr(runner, "generate_faces", out_of_memory)
+    request = LipsyncRequest.with_defaults(
+        tiny_pipeline.settings.lipsync, video_path=make_video(1.0, 25, (128, 128)), audio_path=make_audio(1.0, ".wav"),
+        output_path=tmp_path / "out.mp4", face_box=(32, 32, 96, 112), batch_size=4,
+    )
+    with pytest.raises(GpuMemoryExhausted, match=r"gpu_memory_gb=8 allows \(CUDA out of memory. Tried to allocate 2.00 GiB\)$") as failure:
+        tiny_pipeline.run(request)
+    assert failure.value.status == 503 and failure.value.code == "gpu_memory_exhausted"
+    assert list(tmp_path.iterdir()) == []
+    assert list(Path(tiny_pipeline.settings.work_dir).iterdir()) == []
+    assert ffmpeg_children() == []
