@@ -18,7 +18,7 @@ host's cores were, host RSS (before the request, its peak during it, and the pro
 start), the encoder, the device and the commit. With random weights the mouths are meaningless but every FLOP is real,
 so the speed is too.
 
-Each run also gets a `verdict` (`verdict`): the stage that bounds it, and against the service's
+Each run also gets a verdict (`verdict`): the stage that bounds it, and against the service's
 targets (`TARGET_FPS`, `TARGET_GPU_HELD_GB`: one H100, 1080p 25 fps) whether it met them and by
 how much it missed.
 """

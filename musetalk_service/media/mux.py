@@ -64,7 +64,7 @@ class Mp4Audio:
     A codec MP4 players take (`MP4_COPY_AUDIO_CODECS`) is the request's file itself. Any other is
     encoded to AAC (as `mux_audio` would) into `work_dir` by an ffmpeg that starts when the block
     is entered and runs beside the video work, so `mux_audio` then only copies streams: on the
-    H100 host, encoding 120 s of WAV inside the mux had added 1.2-1.8 s after the last frame.
+    H100 host, encoding 120 s of WAV inside the mux had added 1.9-2.6 s after the last frame.
 
     Use as a context manager; `path()` waits for the encoding and returns the file to mux (raising
     `FFmpegError` if it failed). Leaving the block stops an encoding still running.
