@@ -38,7 +38,6 @@ _OUTPUT_COLOUR = [
 ]  # fmt: skip
 
 
-
 @dataclass(frozen=True)
 class EncoderChoice:
     """An ffmpeg video encoder and its options (everything after `-c:v <name>`)."""

@@ -189,7 +189,7 @@ class ParsingMask:
         """Blend masks, one uint8 `[2s, 2s]` array per (frame, box) over `crop_square(box)`; alpha = mask / 255."""
         squares = [crop_square(box)[0] for box in boxes]
         label_maps = self.labels(frames, squares)
-        masks: list[np.ndarray] = [None] * len(boxes)
+        masks: list[np.ndarray | None] = [None] * len(boxes)  # each filled by `finish`
 
         def finish(i: int) -> None:
             region = parsing_region(label_maps[i], self.mode, self.left_cheek_width, self.right_cheek_width)
