@@ -16,6 +16,7 @@ frame. Coordinates are continuous pixels like S3FD's boxes (pixel i spans [i, i+
 from __future__ import annotations
 
 import logging
+import math
 import re
 import zipfile
 from pathlib import Path
@@ -198,18 +199,31 @@ def crop_faces(frames_bgr: np.ndarray, boxes: np.ndarray, frame_index: np.ndarra
     face-alignment crops the integer pixel span from c - 127/256·side to c + side/2 and resizes it
     to 256 (bilinear, zeros outside the frame). This samples the same span with one sub-pixel
     exact warpAffine per face, skipping the intermediate copy and the integer rounding (< 1 px).
+
+    Each face reads only the frame pixels its samples touch, as one `frame[rows, cols]` slice, so
+    `frames_bgr` may also be frames that live elsewhere and read regions back on slicing
+    (`pipeline.frames.DeviceFrames`).
     """
     centers, sides = _crop_frames(boxes)
     crops = np.empty((len(boxes), CROP_SIZE, CROP_SIZE, 3), np.uint8)
+    height, width = frames_bgr.shape[1:3]
 
     def crop(i: int) -> None:
         (cx, cy), side = centers[i], sides[i]
         step = side * (CROP_SIZE - 1) / CROP_SIZE**2  # frame pixels per crop pixel
         first = -(CROP_SIZE / 2 - 1) * side / CROP_SIZE + step / 2 - 0.5  # crop pixel 0, from the centre
-        to_frame = np.array([[step, 0.0, cx + first], [0.0, step, cy + first]])
+        x0, y0 = cx + first, cy + first
+        # Bilinear samples from x0 to x0 + 255 steps touch columns floor(x) and floor(x) + 1.
+        span = step * (CROP_SIZE - 1)
+        left, top = max(0, math.floor(x0)), max(0, math.floor(y0))
+        right, bottom = min(width, math.floor(x0 + span) + 2), min(height, math.floor(y0 + span) + 2)
+        if right <= left or bottom <= top:  # the face's span lies outside the frame: all border
+            crops[i] = 0
+            return
+        to_region = np.array([[step, 0.0, x0 - left], [0.0, step, y0 - top]])
         crops[i] = cv2.warpAffine(
-            frames_bgr[frame_index[i]],
-            to_frame,
+            frames_bgr[frame_index[i]][top:bottom, left:right],
+            to_region,
             (CROP_SIZE, CROP_SIZE),
             flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
             borderMode=cv2.BORDER_CONSTANT,

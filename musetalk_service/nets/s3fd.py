@@ -256,7 +256,7 @@ def decode_detections(
 @torch.inference_mode()
 def detect_faces(
     model: nn.Module,
-    frames_bgr: np.ndarray | Sequence[np.ndarray],
+    frames_bgr: np.ndarray | Sequence[np.ndarray | torch.Tensor],
     *,
     scale: float = 1.0,
     score_threshold: float = 0.5,
@@ -264,7 +264,8 @@ def detect_faces(
     candidate_threshold: float = 0.05,
 ) -> list[np.ndarray]:
     """Detect faces in a batch of BGR frames (uint8 `[B,H,W,3]`, or a sequence of same-size
-    `[H,W,3]` frames, uploaded one by one without a host-side copy), in one forward pass.
+    `[H,W,3]` frames, numpy arrays uploaded one by one without a host-side copy or tensors already
+    on the device), in one forward pass.
 
     Returns one float32 array [k,5] (x1,y1,x2,y2,score) per frame, in frame pixels, highest score
     first (k may be 0). `scale` resizes the frames before the network (antialiased when shrinking);
@@ -276,14 +277,14 @@ def detect_faces(
         raise ValueError(f"scale must be > 0, got {scale}")
     if len(frames_bgr) == 0:
         return []
-    shape = np.shape(frames_bgr[0])
-    if any(np.asarray(f).dtype != np.uint8 or np.ndim(f) != 3 or np.shape(f) != shape or shape[-1] != 3 for f in frames_bgr):
-        raise ValueError(f"frames must be uint8 [B,H,W,3] (or [H,W,3] each, one size), got {np.asarray(frames_bgr[0]).dtype} {shape} first")
+    shape = tuple(frames_bgr[0].shape)
+    if any(f.dtype not in (np.uint8, torch.uint8) or tuple(f.shape) != shape or len(shape) != 3 or shape[-1] != 3 for f in frames_bgr):
+        raise ValueError(f"frames must be uint8 [B,H,W,3] (or [H,W,3] each, one size), got {frames_bgr[0].dtype} {list(shape)} first")
     weight = next(model.parameters())
     # Upload uint8 (4x less traffic than float), then convert and resize on the device.
     x = torch.empty((len(frames_bgr), *shape), dtype=torch.uint8, device=weight.device)
     for row, frame in zip(x, frames_bgr):
-        row.copy_(torch.from_numpy(np.ascontiguousarray(frame)))
+        row.copy_(frame if isinstance(frame, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(frame)))
     x = x.permute(0, 3, 1, 2).flip(1).float()
     height, width = x.shape[-2:]
     if scale != 1.0:

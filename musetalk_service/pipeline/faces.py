@@ -54,6 +54,7 @@ from musetalk_service.errors import InvalidOption
 from musetalk_service.nets.fan import predict_landmarks
 from musetalk_service.nets.haar_face import HaarFaceDetector, musetalk_box_from_face_box
 from musetalk_service.nets.s3fd import detect_faces
+from musetalk_service.pipeline.frames import DeviceFrame, DeviceFrames
 from musetalk_service.pipeline.request import FaceBox, LipsyncRequest
 from musetalk_service.pipeline.tracking import (
     OneEuroBoxSmoother,
@@ -135,9 +136,10 @@ class S3fdFanFinder:
         self.models = models
         self.max_side = max_side
 
-    def detect(self, frames: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def detect(self, frames: Sequence[np.ndarray | DeviceFrame]) -> list[np.ndarray]:
         scale = min(1.0, self.max_side / max(frames[0].shape[:2]))
-        return detect_faces(self.models.face_detector, frames, scale=scale)
+        pixels = [frame.pixels if isinstance(frame, DeviceFrame) else frame for frame in frames]
+        return detect_faces(self.models.face_detector, pixels, scale=scale)
 
     def crop_boxes(self, frames: np.ndarray, boxes: Sequence[FaceBox | None], bbox_shift: int) -> list[FaceBox | None]:
         height, width = frames.shape[1:3]
@@ -222,8 +224,10 @@ class FaceLocator:
         self.detector_frames = 0
         """Frames the detector ran on so far (keyframes and re-detections)."""
 
-    def locate(self, frames: np.ndarray, source_indices: Sequence[int]) -> list[FaceBox | None]:
-        """Crop boxes for a batch of BGR frames `[B, H, W, 3]`, None where there is no face."""
+    def locate(self, frames: np.ndarray | DeviceFrames, source_indices: Sequence[int]) -> list[FaceBox | None]:
+        """Crop boxes for a batch of BGR frames `[B, H, W, 3]`, None where there is no face.
+
+        `frames` may be `DeviceFrames` with S3FD (not with Haar, which reads whole frames on the CPU)."""
         if len(frames) != len(source_indices):
             raise ValueError(f"{len(frames)} frames but {len(source_indices)} source indices")
         if len(frames) == 0:
@@ -251,7 +255,7 @@ class FaceLocator:
             )
         return box
 
-    def _locate_run(self, frames: np.ndarray, indices: list[int]) -> list[FaceBox | None]:
+    def _locate_run(self, frames: np.ndarray | DeviceFrames, indices: list[int]) -> list[FaceBox | None]:
         """Boxes for consecutive source frames."""
         n = len(frames)
         anchored = self._last_key is not None and self._last_key[0] == indices[0] - 1

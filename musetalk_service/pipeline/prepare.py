@@ -24,6 +24,7 @@ import torch
 from musetalk_service.errors import NoFace, NoVideoStream
 from musetalk_service.pipeline.avatar_cache import LATENT_SHAPE, Avatar, MaskEntry
 from musetalk_service.pipeline.faces import FaceLocator
+from musetalk_service.pipeline.frames import DeviceFrames
 from musetalk_service.pipeline.latents import crop_faces, encode_crops
 from musetalk_service.pipeline.request import FaceBox, LipsyncRequest
 from musetalk_service.settings import FaceSettings
@@ -40,7 +41,7 @@ class LocatedFrames:
     """The face phase's result for consecutive source frames, from `first` on."""
 
     first: int
-    frames: np.ndarray
+    frames: np.ndarray | DeviceFrames
     """The frames `[b, H, W, 3]` themselves (not copied): `encode` crops them."""
     boxes: list[FaceBox | None]
     rows: list[int]
@@ -70,8 +71,8 @@ class AvatarBuilder:
     def has_face(self) -> bool:
         return any(box is not None for box in self.boxes)
 
-    def locate(self, frames: np.ndarray) -> LocatedFrames:
-        """Boxes of the next source frames `[b, H, W, 3]` (face thread)."""
+    def locate(self, frames: np.ndarray | DeviceFrames) -> LocatedFrames:
+        """Boxes of the next source frames `[b, H, W, 3]`, host or device (face thread)."""
         first = len(self.boxes)
         boxes: list[FaceBox | None] = []
         context = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()

@@ -18,6 +18,7 @@ from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from musetalk_service.errors import AvatarNotFound, BadAudio, Cancelled, GpuMemoryExhausted, InvalidOption, NoFace
@@ -38,6 +39,7 @@ from musetalk_service.pipeline.device import answers as device_answers
 from musetalk_service.pipeline.device import memory_bytes as device_memory_bytes
 from musetalk_service.pipeline.device import cap_memory, release_cached_memory, use_expandable_segments
 from musetalk_service.pipeline.compose import GpuComposer
+from musetalk_service.pipeline.frames import DeviceFrames, DeviceFrameUploader
 from musetalk_service.pipeline.generate import generate_faces, generate_faces_tensor
 from musetalk_service.pipeline.prepare import PREP_BATCH, AvatarBuilder
 from musetalk_service.pipeline.request import LipsyncRequest
@@ -163,12 +165,14 @@ class LipsyncPipeline:
             # Whole tracking runs per batch: the boxes come out as a separate preparation's would.
             batch_size = -(-batch_size // PREP_BATCH) * PREP_BATCH
         # On a GPU, compose there and hand ffmpeg yuv420p (half the bytes, no conversion in ffmpeg);
-        # on CPU the numpy blend is faster than torch's CPU kernels (settings.compose). A prepared
-        # avatar's frames need no face phase: when its video is BT.709 yuv420p, decode to the
-        # planes as they are (half the bytes of BGR through the decoder's pipe, no conversion there)
-        # and blend only the tiles under the masks (`GpuComposer.compose_yuv`).
+        # on CPU the numpy blend is faster than torch's CPU kernels (settings.compose). When the
+        # video is BT.709 yuv420p, decode to the planes as they are (half the bytes of BGR through
+        # the decoder's pipe, no conversion there) and blend only the tiles under the masks
+        # (`GpuComposer.compose_yuv`). A new video's face phase reads BGR: each batch is made BGR
+        # on the device (`frames.DeviceFrames`), and only face regions come back to the host.
         on_device = self.settings.composes_on_device(str(self.models.device))
-        yuv_frames = on_device and avatar is not None and video.is_bt709_yuv420p
+        yuv_frames = on_device and self._reads_device_frames(video, request, new_video=avatar is None)
+        upload = DeviceFrameUploader(self.models.device, video.width, video.height) if yuv_frames and builder is not None else None
         source = SourceFrames(
             request.video_path, video, fps, self.ffmpeg, work_dir, total, avatar.frame_count if avatar else None,
             pix_fmt="yuv420p" if yuv_frames else "bgr24",
@@ -188,21 +192,27 @@ class LipsyncPipeline:
                 indices = list(range(start, min(start + batch_size, total)))
                 with timer.phase("read"):
                     sources, frames, fresh = source.take(indices)
-                yield indices, sources, frames, fresh
+                    # What the face phase and the masks read: the frames, or (yuv420p) their BGR
+                    # on the device for a new video; a prepared avatar's need none.
+                    bgr = upload(frames) if upload is not None else None if yuv_frames else frames
+                yield indices, sources, frames, bgr, fresh
 
         def locate_batches(batches):
-            for indices, sources, frames, fresh in batches:
+            for indices, sources, frames, bgr, fresh in batches:
                 located = None
                 if fresh:
                     with timer.phase("face_detect"):
-                        located = builder.locate(frames[:fresh])
-                yield indices, sources, frames, located
+                        located = builder.locate(bgr[:fresh])
+                yield indices, sources, frames, bgr, located
 
         def compose_and_encode(item) -> None:
-            indices, sources, frames, rows, faces, ready = item
+            indices, sources, frames, bgr, rows, faces, ready = item
             if yuv_frames:
                 with timer.phase("blend"):
-                    out = composer.compose_yuv(frames, video.width, video.height, faces, [boxes[j] for j in sources], sources, ready=ready)
+                    out = composer.compose_yuv(
+                        frames, video.width, video.height, faces, [boxes[j] for j in sources], sources,
+                        ready=ready, frame_at=None if bgr is None else bgr.__getitem__,
+                    )  # fmt: skip
             elif composer is not None:
                 with timer.phase("blend"):
                     out = composer.compose(frames, faces, [boxes[j] for j in sources], sources, ready=ready).yuv
@@ -225,10 +235,10 @@ class LipsyncPipeline:
                 # The face phase in a thread of its own: in the decoder's, decoding and finding
                 # faces took turns (80 fps on a new 1080p video on the H100).
                 faces_stage = Prefetch("musetalk-faces", locate_batches(reader), depth=depth) if builder is not None else None
-                batches = faces_stage if faces_stage is not None else ((i, s, f, None) for i, s, f, _ in reader)
+                batches = faces_stage if faces_stage is not None else ((i, s, f, b, None) for i, s, f, b, _ in reader)
                 writer = Consume("musetalk-encode", compose_and_encode, depth=depth)
                 try:
-                    for indices, sources, frames, located in batches:
+                    for indices, sources, frames, bgr, located in batches:
                         _check_cancel(cancel)
                         if located is not None:
                             with timer.phase("vae_encode", gpu=True):
@@ -249,7 +259,7 @@ class LipsyncPipeline:
                                     ready = torch.cuda.Event()
                                     ready.record()
                                     ready.synchronize()
-                        writer.put((indices, sources, frames, rows, faces, ready))
+                        writer.put((indices, sources, frames, bgr, rows, faces, ready))
                     writer.finish()
                 except BaseException:
                     writer.abort()
@@ -262,7 +272,7 @@ class LipsyncPipeline:
                     encoder.close()
             # A video longer than the audio: prepare its other frames too, so the avatar is whole.
             if builder is not None:
-                avatar = self._finish_avatar(builder, source, blender, request, video, key, options, timer, cancel)
+                avatar = self._finish_avatar(builder, source, upload, blender, request, video, key, options, timer, cancel)
         finally:
             source.close()
         if builder is not None and self.avatars is not None:
@@ -285,14 +295,14 @@ class LipsyncPipeline:
             avatar_id=avatar.key,
         )
 
-    def _finish_avatar(self, builder: AvatarBuilder, source: SourceFrames, blender: FaceBlender, request: LipsyncRequest, video: VideoInfo, key: str, options: dict, timer: PhaseTimer, cancel: threading.Event | None) -> Avatar:
+    def _finish_avatar(self, builder: AvatarBuilder, source: SourceFrames, upload: DeviceFrameUploader | None, blender: FaceBlender, request: LipsyncRequest, video: VideoInfo, key: str, options: dict, timer: PhaseTimer, cancel: threading.Event | None) -> Avatar:
         """Prepare the frames the output did not reach (the audio was shorter), then the avatar."""
         for frames in source.remaining(PREP_BATCH):
             _check_cancel(cancel)
-            self._prepare_batch(builder, blender, frames, timer)
+            self._prepare_batch(builder, blender, upload(frames) if upload is not None else frames, timer)
         return builder.finish(key, options, video.width, video.height, request.video_path, blender.export_masks())
 
-    def _prepare_batch(self, builder: AvatarBuilder, blender: FaceBlender, frames, timer: PhaseTimer) -> None:
+    def _prepare_batch(self, builder: AvatarBuilder, blender: FaceBlender, frames: np.ndarray | DeviceFrames, timer: PhaseTimer) -> None:
         """Boxes, latents and masks of the next source frames, when nothing is generated from them."""
         with timer.phase("face_detect", gpu=True):
             located = builder.locate(frames)
@@ -302,6 +312,12 @@ class LipsyncPipeline:
             with timer.phase("blend", gpu=True):
                 rows = located.rows
                 blender.prepare_masks([frames[k] for k in rows], [located.boxes[k] for k in rows], [located.first + k for k in rows])
+
+    def _reads_device_frames(self, video: VideoInfo, request: LipsyncRequest, *, new_video: bool) -> bool:
+        """Whether the video is decoded to its yuv420p planes and, when new, read by the face
+        phase as `DeviceFrames` (the caller decides whether frames are composed on the device).
+        Not for the Haar detector, which reads whole frames on the CPU."""
+        return video.is_bt709_yuv420p and (not new_video or request.face_box is not None or self.settings.face.detector != "haar")
 
     def _video_encoder(self, path: Path, video: VideoInfo, fps: Fraction, pix_fmt: str, work_dir: Path):
         """One ffmpeg, or several on consecutive segments where one libx264 can't keep up."""
@@ -364,12 +380,19 @@ class LipsyncPipeline:
         builder = AvatarBuilder(self.models, request, self.settings.face, fps)
         blender = FaceBlender(self.models, request, retain=True)
         estimate = max(video.frame_count, 1)
+        # As in a request on a new video, so both prepare the same avatar.
+        on_device = self.settings.composes_on_device(str(self.models.device))
+        upload = None
+        if on_device and self._reads_device_frames(video, request, new_video=True):
+            upload = DeviceFrameUploader(self.models.device, video.width, video.height)
 
         def read_batches():
-            with VideoReader(request.video_path, video, fps, self.ffmpeg) as reader:
+            with VideoReader(request.video_path, video, fps, self.ffmpeg, "yuv420p" if upload else "bgr24") as reader:
                 while True:
                     with timer.phase("read"):
                         frames = reader.read(PREP_BATCH)
+                        if len(frames) and upload is not None:
+                            frames = upload(frames)
                     if not len(frames):
                         return
                     yield frames

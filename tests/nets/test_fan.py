@@ -180,6 +180,22 @@ def test_crops_follow_face_alignments_crop_convention(box):
     assert np.abs(crop.astype(float) - reference).mean() < 1.0
 
 
+@pytest.mark.parametrize("shift", [0.0, 0.37, 0.5, 0.999])
+def test_crops_read_only_the_pixels_their_samples_touch(shift):
+    """Each crop warps just the frame region under its samples (so frames kept elsewhere send
+    back only that): on noise, the very crop a warp of the whole frame gives, at every edge."""
+    frames = np.random.default_rng(3).integers(0, 256, (1, 240, 320, 3), dtype=np.uint8)
+    boxes = np.array([(100, 60, 220, 200), (-40, -30, 90, 110), (250, 150, 400, 300), (17, 190, 77, 260)]) + shift
+    crops = fan.crop_faces(frames, boxes, np.zeros(len(boxes), int))
+    for crop, box in zip(crops, boxes):
+        (cx, cy), side = _box_geometry(box)
+        step = side * 255 / 256**2
+        first = -127 * side / 256 + step / 2 - 0.5
+        to_frame = np.array([[step, 0.0, cx + first], [0.0, step, cy + first]])
+        whole = cv2.warpAffine(frames[0], to_frame, (256, 256), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)
+        assert np.array_equal(crop, whole)
+
+
 class _FakeLandmarker(nn.Module):
     """Stands in for FAN: records its input and puts every landmark's peak in one heatmap cell."""
 

@@ -15,7 +15,8 @@ from musetalk_service.media.rawvideo import frame_bytes, yuv420p_frame_bytes
 from musetalk_service.media.probe import probe_video
 from musetalk_service.media.synth import talking_head_frames
 from musetalk_service.pipeline.blend import FaceBlender, _CachedMask
-from musetalk_service.pipeline.compose import GpuComposer, bgr_to_yuv420p, yuv420p_planes, yuv420p_to_bgr
+from musetalk_service.pipeline.colour import bgr_to_yuv420p, yuv420p_planes, yuv420p_to_bgr
+from musetalk_service.pipeline.compose import GpuComposer
 from musetalk_service.settings import EncodeSettings
 
 from .test_blend import _models, _request
