@@ -50,8 +50,9 @@ def vae_inputs(faces_bgr: np.ndarray, device: torch.device | str = "cpu") -> tup
     The masked copy has rows 128..255 (the whole lower half, every column) at -1, which is what the
     official code gets by zeroing them before normalising and what training does directly.
     """
-    # Upload the uint8 pixels and convert on the device: a quarter of the bytes over the bus.
-    rgb = torch.from_numpy(np.ascontiguousarray(faces_bgr[..., ::-1])).to(device).permute(0, 3, 1, 2)
+    # Upload the uint8 pixels and convert (and reorder) on the device: a quarter of the bytes over
+    # the bus, and no copy on the host.
+    rgb = torch.from_numpy(np.ascontiguousarray(faces_bgr)).to(device).flip(-1).permute(0, 3, 1, 2)
     reference = rgb.to(torch.float32).div_(127.5).sub_(1.0)
     masked = reference.clone()
     masked[:, :, FACE_SIZE // 2 :, :] = -1.0

@@ -6,7 +6,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 PHASES = ("read", "face_detect", "vae_encode", "audio", "unet", "blend", "encode", "mux")
-"""Timed phases, in pipeline order. `unet` is the UNet plus the VAE decode."""
+"""Timed phases, in pipeline order. `face_detect` is the face phase: the boxes and the faces cut
+from them for the VAE; `vae_encode` the VAE encoder alone; `unet` the UNet plus the VAE decode."""
 
 
 @dataclass(frozen=True)
