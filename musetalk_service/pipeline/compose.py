@@ -7,11 +7,12 @@ faces with the same cached face-parsing masks as the numpy path (`FaceBlender.re
 identical alpha) and hands `media.encode.VideoEncoder(input_pix_fmt='yuv420p')` BT.709
 limited-range yuv420p, half the bytes of bgr24, in one of two ways:
 
-- `compose`: BGR frames (a new video, whose face phase needs BGR) are uploaded whole, blended and
-  converted on the device, and come back as one yuv420p buffer.
-- `compose_yuv`: yuv420p frames, the decoder's own planes (a prepared avatar's video): only the
-  tiles under the blend masks go to the device and back, converted to BGR, blended and converted
-  back there; every other pixel stays as decoded, bit for bit, and never leaves host memory.
+- `compose_yuv`: yuv420p frames, the decoder's own planes (any BT.709 8-bit 4:2:0 video): only
+  the tiles under the blend masks go to the device and back, converted to BGR, blended and
+  converted back there; every other pixel stays as decoded, bit for bit, and never leaves host
+  memory. A new video's masks are parsed from its frames on the device (`frames.DeviceFrames`).
+- `compose`: BGR frames (a video whose planes can't pass through: 4:4:4, 10-bit, BT.601) are
+  uploaded whole, blended and converted on the device, and come back as one yuv420p buffer.
 
 The torch code runs on any device; on CPU it is the reference the tests compare, not a fast path.
 """
