@@ -6,7 +6,8 @@ lower half of the square only, and its edges are Gaussian-blurred. It depends on
 frame and its box, so `FaceBlender` computes it for one source frame in every `mask_every` and
 reuses it in between; the blend itself is a few vectorised numpy operations over the face box.
 
-Everything is BGR uint8 numpy; no PIL, no full-frame copies.
+Everything is BGR uint8 numpy; no PIL, no full-frame copies. The parser reads a frame only through
+its `frame[rows, cols]` slice, so a new video's frames may also be `frames.DeviceFrames` on the GPU.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from musetalk_service.parallel import for_each_index
+from musetalk_service.pipeline.frames import DeviceFrame
 from musetalk_service.pipeline.request import FaceBox, LipsyncRequest
 from musetalk_service.settings import ParsingMode
 
@@ -131,7 +133,7 @@ def square_mask(region: np.ndarray, box: FaceBox, square: Square) -> np.ndarray:
     return cv2.GaussianBlur(mask, (kernel, kernel), 0)
 
 
-def _parser_input(frame: np.ndarray, square: Square) -> np.ndarray:
+def _parser_input(frame: np.ndarray | DeviceFrame, square: Square) -> np.ndarray:
     """The square cut from the frame (black outside it), resized to 512x512, still BGR uint8."""
     sx1, sy1, sx2, sy2 = square
     h, w = frame.shape[:2]

@@ -171,7 +171,7 @@ class LipsyncPipeline:
         # (`GpuComposer.compose_yuv`). A new video's face phase reads BGR: each batch is made BGR
         # on the device (`frames.DeviceFrames`), and only face regions come back to the host.
         on_device = self.settings.composes_on_device(str(self.models.device))
-        yuv_frames = on_device and self._reads_device_frames(video, request, new_video=avatar is None)
+        yuv_frames = self._decodes_yuv420p(video, request, new_video=avatar is None)
         upload = DeviceFrameUploader(self.models.device, video.width, video.height) if yuv_frames and builder is not None else None
         source = SourceFrames(
             request.video_path, video, fps, self.ffmpeg, work_dir, total, avatar.frame_count if avatar else None,
@@ -192,9 +192,12 @@ class LipsyncPipeline:
                 indices = list(range(start, min(start + batch_size, total)))
                 with timer.phase("read"):
                     sources, frames, fresh = source.take(indices)
-                    # What the face phase and the masks read: the frames, or (yuv420p) their BGR
-                    # on the device for a new video; a prepared avatar's need none.
-                    bgr = upload(frames) if upload is not None else None if yuv_frames else frames
+                    # What the face phase and the masks read: BGR frames as decoded, or a new
+                    # video's yuv420p made BGR on the device; a prepared avatar's yuv420p needs none.
+                    if not yuv_frames:
+                        bgr = frames
+                    else:
+                        bgr = upload(frames) if upload is not None else None
                 yield indices, sources, frames, bgr, fresh
 
         def locate_batches(batches):
@@ -313,11 +316,15 @@ class LipsyncPipeline:
                 rows = located.rows
                 blender.prepare_masks([frames[k] for k in rows], [located.boxes[k] for k in rows], [located.first + k for k in rows])
 
-    def _reads_device_frames(self, video: VideoInfo, request: LipsyncRequest, *, new_video: bool) -> bool:
-        """Whether the video is decoded to its yuv420p planes and, when new, read by the face
-        phase as `DeviceFrames` (the caller decides whether frames are composed on the device).
-        Not for the Haar detector, which reads whole frames on the CPU."""
-        return video.is_bt709_yuv420p and (not new_video or request.face_box is not None or self.settings.face.detector != "haar")
+    def _decodes_yuv420p(self, video: VideoInfo, request: LipsyncRequest, *, new_video: bool) -> bool:
+        """Whether the video is decoded to its yuv420p planes: where frames are composed on the
+        device and the planes can pass through. A new video's face phase then reads them as
+        `DeviceFrames`; not with the Haar detector, which reads whole frames on the CPU."""
+        return (
+            self.settings.composes_on_device(str(self.models.device))
+            and video.is_bt709_yuv420p
+            and (not new_video or request.face_box is not None or self.settings.face.detector != "haar")
+        )
 
     def _video_encoder(self, path: Path, video: VideoInfo, fps: Fraction, pix_fmt: str, work_dir: Path):
         """One ffmpeg, or several on consecutive segments where one libx264 can't keep up."""
@@ -381,9 +388,8 @@ class LipsyncPipeline:
         blender = FaceBlender(self.models, request, retain=True)
         estimate = max(video.frame_count, 1)
         # As in a request on a new video, so both prepare the same avatar.
-        on_device = self.settings.composes_on_device(str(self.models.device))
         upload = None
-        if on_device and self._reads_device_frames(video, request, new_video=True):
+        if self._decodes_yuv420p(video, request, new_video=True):
             upload = DeviceFrameUploader(self.models.device, video.width, video.height)
 
         def read_batches():
