@@ -24,7 +24,7 @@ from musetalk_service.settings import LipsyncDefaults, Settings, load_settings
 
 if TYPE_CHECKING:
     from musetalk_service.nets.layout import FaceDetector
-    from musetalk_service.pipeline.request import LipsyncRequest
+    from musetalk_service.contract import LipsyncRequest
     from musetalk_service.pipeline.runner import LipsyncPipeline
 
 # Exit codes: 1 a failed command (bad input, failed lip-sync, unusable weights folder); 2 the

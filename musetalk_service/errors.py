@@ -2,7 +2,8 @@
 
 `ServiceError` carries a stable machine-readable `code` and an HTTP `status`, so the API can turn
 any failure into `{error: {code, message}}` without knowing where it came from. Input problems are
-4xx and say what to change; faults of the service itself are 5xx.
+4xx and say what to change; faults of the service itself are 5xx. Every error pickles with its
+fields (a remote engine raises them in another process).
 """
 
 from __future__ import annotations
@@ -22,8 +23,19 @@ class ServiceError(Exception):
         if status is not None:
             self.status = status
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, str]:
         return {"code": self.code, "message": self.message}
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Exception pickles as cls(*args), which loses keyword fields (code, returncode, ...).
+        return (_rebuild, (type(self), self.message, dict(self.__dict__)))
+
+
+def _rebuild(cls: type[ServiceError], message: str, state: dict[str, object]) -> ServiceError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(state)
+    return error
 
 
 class InputError(ServiceError):

@@ -13,7 +13,7 @@ import pytest
 
 from musetalk_service.cli import main
 from musetalk_service.media.probe import probe_audio, probe_video
-from musetalk_service.pipeline.result import PHASES
+from musetalk_service.contract import PHASES
 from tests.api.live import FACE_BOX
 
 CONSOLE_SCRIPT = Path(sys.executable).with_name("musetalk-service")

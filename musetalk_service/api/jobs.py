@@ -46,8 +46,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Callable, Literal
 
 from musetalk_service.errors import Cancelled, ServiceError
-from musetalk_service.pipeline.request import LipsyncRequest
-from musetalk_service.pipeline.result import LipsyncResult
+from musetalk_service.contract import LipsyncRequest, LipsyncResult
 
 if TYPE_CHECKING:
     from musetalk_service.api.metrics import ServiceMetrics

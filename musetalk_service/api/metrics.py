@@ -10,7 +10,7 @@ each test, has its own counters. Series (all prefixed `musetalk_`):
 - `job_duration_seconds{outcome}`: run time (start to finish) of jobs that started.
 - `job_queue_wait_seconds`: submission to start.
 - `phase_seconds_total{phase}`: the pipeline's own per-phase seconds of succeeded jobs (keys of
-  `pipeline.result.PHASES`; `total` and unknown keys are not counted).
+  `contract.PHASES`; `total` and unknown keys are not counted).
 - `frames_total`: output frames of succeeded jobs.
 - `output_fps`: output frames per wall second of the last succeeded job (throughput, not the
   video's frame rate).
@@ -27,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import GaugeMetricFamily
 
 from musetalk_service.errors import ServiceError
-from musetalk_service.pipeline.result import PHASES, LipsyncResult
+from musetalk_service.contract import PHASES, LipsyncResult
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from musetalk_service.api.uploads import ReceivedForm
 from musetalk_service.errors import AvatarNotFound, InvalidOption
 from musetalk_service.media.probe import probe_audio, probe_video
 from musetalk_service.pipeline.avatar_cache import is_avatar_key
-from musetalk_service.pipeline.request import LipsyncRequest
+from musetalk_service.contract import LipsyncRequest
 from musetalk_service.settings import LimitSettings, Settings
 
 MAX_JSON_BYTES = 64 * 1024

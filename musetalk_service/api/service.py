@@ -35,7 +35,7 @@ from musetalk_service.api.jobs import Job, JobManager, ShutdownMode
 from musetalk_service.api.metrics import ServiceMetrics
 from musetalk_service.api.paths import PathPolicy
 from musetalk_service.errors import FFmpegError, ServiceError
-from musetalk_service.pipeline.request import LipsyncRequest
+from musetalk_service.contract import LipsyncRequest
 from musetalk_service.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -40,7 +40,7 @@ import torch
 
 from musetalk_service.media.ffmpeg import find_ffmpeg
 from musetalk_service.media.synth import write_speech_like_audio, write_talking_head_video
-from musetalk_service.pipeline.request import LipsyncRequest
+from musetalk_service.contract import LipsyncRequest
 from musetalk_service.pipeline.runner import LipsyncPipeline
 from musetalk_service.settings import REPO_ROOT, Settings
 

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from musetalk_service.pipeline.request import FaceBox
+from musetalk_service.contract import FaceBox
 
 logger = logging.getLogger(__name__)
 

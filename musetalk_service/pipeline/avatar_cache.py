@@ -43,7 +43,7 @@ from safetensors.torch import save as save_safetensors
 
 from musetalk_service.pipeline.blend import MaskEntry
 from musetalk_service.errors import Cancelled, InputError
-from musetalk_service.pipeline.request import FaceBox, LipsyncRequest
+from musetalk_service.contract import FaceBox, LipsyncRequest
 from musetalk_service.settings import FaceSettings
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ import torch
 
 from musetalk_service.parallel import for_each_index
 from musetalk_service.pipeline.frames import DeviceFrame
-from musetalk_service.pipeline.request import FaceBox, LipsyncRequest
+from musetalk_service.contract import FaceBox, LipsyncRequest
 from musetalk_service.settings import ParsingMode
 
 logger = logging.getLogger(__name__)

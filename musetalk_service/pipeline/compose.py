@@ -31,7 +31,7 @@ from musetalk_service.media.rawvideo import yuv420p_frame_bytes
 from musetalk_service.pipeline.blend import ALPHA_SCALE, FaceBlender, PasteRegion
 from musetalk_service.pipeline.colour import bgr_to_yuv420p, yuv420p_planes, yuv420p_to_bgr
 from musetalk_service.pipeline.frames import DeviceFrame
-from musetalk_service.pipeline.request import FaceBox
+from musetalk_service.contract import FaceBox
 
 
 @dataclass(frozen=True)

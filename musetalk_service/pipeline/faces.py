@@ -55,7 +55,7 @@ from musetalk_service.nets.fan import predict_landmarks
 from musetalk_service.nets.haar_face import HaarFaceDetector, musetalk_box_from_face_box
 from musetalk_service.nets.s3fd import detect_faces
 from musetalk_service.pipeline.frames import DeviceFrame, DeviceFrames
-from musetalk_service.pipeline.request import FaceBox, LipsyncRequest
+from musetalk_service.contract import FaceBox, LipsyncRequest
 from musetalk_service.pipeline.tracking import (
     OneEuroBoxSmoother,
     SmoothingParams,

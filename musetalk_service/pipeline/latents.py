@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from musetalk_service.parallel import for_each_index
-from musetalk_service.pipeline.request import FaceBox
+from musetalk_service.contract import FaceBox
 
 FACE_SIZE = 256
 """The VAE works on 256x256 faces (32x32 latents)."""

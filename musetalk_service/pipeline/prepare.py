@@ -27,7 +27,7 @@ from musetalk_service.pipeline.avatar_cache import LATENT_SHAPE, Avatar, MaskEnt
 from musetalk_service.pipeline.faces import FaceLocator
 from musetalk_service.pipeline.frames import DeviceFrames
 from musetalk_service.pipeline.latents import FACE_SIZE, crop_faces, encode_crops
-from musetalk_service.pipeline.request import FaceBox, LipsyncRequest
+from musetalk_service.contract import FaceBox, LipsyncRequest
 from musetalk_service.settings import FaceSettings
 
 PREP_BATCH = 32

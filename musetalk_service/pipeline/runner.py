@@ -42,8 +42,7 @@ from musetalk_service.pipeline.compose import GpuComposer
 from musetalk_service.pipeline.frames import DeviceFrames, DeviceFrameUploader
 from musetalk_service.pipeline.generate import generate_faces, generate_faces_tensor
 from musetalk_service.pipeline.prepare import PREP_BATCH, AvatarBuilder
-from musetalk_service.pipeline.request import LipsyncRequest
-from musetalk_service.pipeline.result import LipsyncResult
+from musetalk_service.contract import LipsyncRequest, LipsyncResult
 from musetalk_service.pipeline.source import SourceFrames
 from musetalk_service.pipeline.stages import Consume, Prefetch
 from musetalk_service.pipeline.timing import PhaseTimer

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from musetalk_service.pipeline.result import PHASES
+from musetalk_service.contract import PHASES
 
 
 class PhaseTimer:

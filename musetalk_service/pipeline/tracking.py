@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from musetalk_service.pipeline.request import FaceBox
+from musetalk_service.contract import FaceBox
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,7 @@ import pytest
 
 from musetalk_service.api.jobs import Job, JobManager, JobNotFound, JobStatus, QueueFull, ShuttingDown
 from musetalk_service.errors import Cancelled, NoFace
-from musetalk_service.pipeline.request import LipsyncRequest
-from musetalk_service.pipeline.result import LipsyncResult
+from musetalk_service.contract import LipsyncRequest, LipsyncResult
 
 WAIT = 5.0  # upper bound for anything that should happen "soon"; tests pass far below it
 

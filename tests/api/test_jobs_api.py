@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from musetalk_service.media.probe import probe_video
-from musetalk_service.pipeline.result import PHASES
+from musetalk_service.contract import PHASES
 from tests.api.conftest import SMALL_FACE_BOX
 from tests.api.helpers import (
     ControlledPipeline,

@@ -11,7 +11,7 @@ import pytest
 
 from musetalk_service import errors
 from musetalk_service.api.app import create_app
-from musetalk_service.pipeline.result import PHASES
+from musetalk_service.contract import PHASES
 from tests.api.live import FACE_BOX, live_server, wait_ready
 
 

@@ -11,8 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from musetalk_service.api.jobs import JobManager, JobStatus
 from musetalk_service.api.metrics import ServiceMetrics, request_outcome
 from musetalk_service.errors import Cancelled, NoFace, ServiceError
-from musetalk_service.pipeline.request import LipsyncRequest
-from musetalk_service.pipeline.result import PHASES, LipsyncResult
+from musetalk_service.contract import PHASES, LipsyncRequest, LipsyncResult
 
 WAIT = 5.0
 HOLDING = threading.Event()

@@ -25,7 +25,7 @@ from musetalk_service.pipeline.avatar_cache import (
     prep_options,
     weights_fingerprint,
 )
-from musetalk_service.pipeline.request import LipsyncRequest
+from musetalk_service.contract import LipsyncRequest
 from musetalk_service.settings import FaceSettings
 
 MB = 1 << 20

@@ -20,7 +20,7 @@ from musetalk_service.pipeline.blend import (
     parsing_region,
     square_mask,
 )
-from musetalk_service.pipeline.request import LipsyncRequest
+from musetalk_service.contract import LipsyncRequest
 
 
 class _FakeParser(torch.nn.Module):

@@ -20,7 +20,7 @@ from musetalk_service.media.synth import write_talking_head_video
 from musetalk_service.nets.haar_face import HaarFaceDetector
 from musetalk_service.nets.layout import FACE_NET_KEYS, weight_file
 from musetalk_service.pipeline.faces import FaceLocator
-from musetalk_service.pipeline.request import LipsyncRequest
+from musetalk_service.contract import LipsyncRequest
 from musetalk_service.pipeline.runner import LipsyncPipeline
 from musetalk_service.pipeline.tracking import box_jitter
 from musetalk_service.settings import EncodeSettings, FaceSettings, load_settings

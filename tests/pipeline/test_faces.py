@@ -21,7 +21,7 @@ from musetalk_service.pipeline.faces import (
     landmarks_to_box,
     smoothing_params,
 )
-from musetalk_service.pipeline.request import LipsyncRequest
+from musetalk_service.contract import LipsyncRequest
 from musetalk_service.settings import FaceSettings, SmoothingSettings
 
 

@@ -18,7 +18,7 @@ from musetalk_service.pipeline.colour import yuv420p_planes, yuv420p_to_bgr
 from musetalk_service.pipeline.faces import FaceLocator
 from musetalk_service.pipeline.frames import DeviceFrame, DeviceFrames, DeviceFrameUploader
 from musetalk_service.pipeline.latents import crop_faces
-from musetalk_service.pipeline.request import LipsyncRequest
+from musetalk_service.contract import LipsyncRequest
 from musetalk_service.settings import FaceSettings
 
 

@@ -53,7 +53,7 @@ def test_a_request_gives_its_gpu_memory_back_when_it_ends(tiny_settings, tmp_pat
     (the models), not the blocks cached on the request's streams."""
     from dataclasses import replace
 
-    from musetalk_service.pipeline.request import LipsyncRequest
+    from musetalk_service.contract import LipsyncRequest
     from musetalk_service.pipeline.runner import LipsyncPipeline
 
     no_compile = tiny_settings.compile.model_copy(update={"enabled": False})  # quick: the blocks are the point

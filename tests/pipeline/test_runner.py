@@ -16,8 +16,7 @@ from musetalk_service.errors import BadAudio, FFmpegError, InvalidOption, NoVide
 from musetalk_service.media.decode import VideoReader
 from musetalk_service.media.encode import VideoEncoder, encoder_for
 from musetalk_service.media.probe import count_video_frames, probe_audio, probe_video
-from musetalk_service.pipeline.request import LipsyncRequest
-from musetalk_service.pipeline.result import PHASES
+from musetalk_service.contract import PHASES, LipsyncRequest
 from musetalk_service.pipeline.source import pingpong_index
 from tests.fixtures.processes import ffmpeg_children
 
