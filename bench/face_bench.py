@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from musetalk_service.benchmark.faces import run_face_bench
-from musetalk_service.pipeline.runner import load_models
+from musetalk_service.nets.runtime import load_models
 from musetalk_service.settings import load_settings
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -248,7 +248,7 @@ def _bench(args: argparse.Namespace) -> int:
         return EXIT_CANNOT_START
     from musetalk_service.benchmark.faces import run_face_bench
     from musetalk_service.benchmark.lipsync import render_table, run_lipsync_bench
-    from musetalk_service.pipeline.runner import load_models
+    from musetalk_service.nets.runtime import load_models
 
     size = tuple(args.size)
     try:

@@ -44,11 +44,10 @@ __all__ = [
 FaceBox = tuple[int, int, int, int]
 """A face box in source-frame pixels: (x1, y1, x2, y2), x2/y2 exclusive."""
 
-PHASES = ("read", "face_detect", "vae_encode", "audio", "unet", "parse", "blend", "encode", "mux")
+PHASES = ("read", "face_detect", "vae_encode", "audio", "unet", "blend", "encode", "mux")
 """Timed phases, in pipeline order. `face_detect` is the face phase: the boxes and the faces cut
 from them for the VAE; `vae_encode` the VAE encoder alone; `unet` the UNet plus the VAE decode;
-`parse` the face-parsing network (BiSeNet) that makes the blend masks of a new video; `blend`
-pasting the generated faces back."""
+`blend` pasting the generated faces back (and, for now, parsing a new video's blend masks)."""
 
 PhaseTimings = dict[str, float]
 """Seconds per phase (keys in PHASES) plus `total`, the wall time of the request in the engine."""

@@ -50,7 +50,7 @@ def test_reduce_overhead_is_refused_naming_the_field(monkeypatch):
 
 
 def test_expandable_segments_are_the_default_unless_the_operator_configured_the_allocator(monkeypatch):
-    from musetalk_service.pipeline.device import ALLOCATOR_ENV, use_expandable_segments
+    from musetalk_service.nets.runtime import ALLOCATOR_ENV, use_expandable_segments
 
     for name in ALLOCATOR_ENV:  # set, then removed: monkeypatch restores them after the test
         monkeypatch.setenv(name, "")

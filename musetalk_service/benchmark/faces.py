@@ -35,7 +35,7 @@ import torch
 from musetalk_service.media.synth import talking_head_frames
 from musetalk_service.nets.haar_face import HaarFaceDetector
 from musetalk_service.pipeline.faces import FaceLocator, S3fdFanFinder
-from musetalk_service.pipeline.prepare import PREP_BATCH
+from musetalk_service.nets.runtime import PREP_BATCH
 from musetalk_service.contract import FaceBox, LipsyncRequest
 from musetalk_service.pipeline.tracking import box_error, box_jitter, box_lag
 from musetalk_service.settings import FaceSettings, Settings

@@ -8,7 +8,8 @@ from fractions import Fraction
 
 import numpy as np
 
-from musetalk_service.media.ffmpeg import FFmpegPipe, exact_rate, file_arg, find_ffmpeg
+from musetalk_service.media.ffmpeg import FFmpegPipe, file_arg, find_ffmpeg
+from musetalk_service.media.rates import exact_rate
 from musetalk_service.media.probe import VideoInfo
 from musetalk_service.media.rawvideo import frame_bytes
 

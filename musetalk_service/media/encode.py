@@ -19,10 +19,10 @@ from musetalk_service.media.ffmpeg import (
     FFmpegPipe,
     describe_returncode,
     ensure_writable_dir,
-    exact_rate,
     file_arg,
     run_ffmpeg,
 )
+from musetalk_service.media.rates import exact_rate
 from musetalk_service.media.rawvideo import PIX_FMTS, frame_bytes
 from musetalk_service.settings import EncodeSettings
 

@@ -18,7 +18,6 @@ import shutil
 import signal
 import subprocess
 import threading
-from fractions import Fraction
 from pathlib import Path
 
 from musetalk_service.errors import FFmpegError, OutputNotWritable
@@ -55,19 +54,6 @@ def file_arg(path: str | os.PathLike) -> str:
     with `-` as an option or a name with a colon (`a:b.mp4`) as a protocol.
     """
     return "file:" + os.path.abspath(os.fspath(path))
-
-
-def exact_rate(fps) -> Fraction:
-    """`fps` (int, Fraction, float or a string like '30000/1001') as a positive Fraction for ffmpeg.
-
-    A float is snapped to the nearest ratio with a denominator up to 1,000,000 (29.97 -> 2997/100,
-    30000/1001 computed in floating point -> 30000/1001) rather than passed on as its 53-bit
-    binary value.
-    """
-    rate = fps if isinstance(fps, Fraction) else Fraction(fps).limit_denominator(1_000_000)
-    if rate <= 0:
-        raise ValueError(f"frame rate must be positive, got {fps!r}")
-    return rate
 
 
 def ensure_writable_dir(output_path: str | os.PathLike) -> Path:

@@ -53,7 +53,8 @@ import numpy as np
 
 from musetalk_service.errors import FFmpegError
 from musetalk_service.media.encode import EncoderChoice, VideoEncoder, even_size, frame_data
-from musetalk_service.media.ffmpeg import ensure_writable_dir, exact_rate, file_arg, run_ffmpeg
+from musetalk_service.media.ffmpeg import ensure_writable_dir, file_arg, run_ffmpeg
+from musetalk_service.media.rates import exact_rate
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ import cv2
 import numpy as np
 
 from musetalk_service.media.encode import VideoEncoder, encoder_for
-from musetalk_service.media.ffmpeg import FFmpegPipe, exact_rate, file_arg, find_ffmpeg
+from musetalk_service.media.ffmpeg import FFmpegPipe, file_arg, find_ffmpeg
+from musetalk_service.media.rates import exact_rate
 from musetalk_service.media.mux import mux_audio
 from musetalk_service.settings import EncodeSettings
 

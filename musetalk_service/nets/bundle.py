@@ -130,7 +130,7 @@ class ModelBundle:
                 # graph held 6.1 GB (nets/fixed_batch.py). Its activations set a new video's
                 # memory peak: at 16 rows (32 images of 256x256), 2.0 GB of the 2.7 GB alive above
                 # the ready state at the peak (torch's allocator history on the H100, 2026-11-24),
-                # hence small calls (runner.load_models: a quarter of a preparation run).
+                # hence small calls (runtime.load_models: a quarter of a preparation run).
                 latent_encoder=FixedBatch(FaceLatentEncoder(vae), encode_batch, compile_mode),
                 device=device,
                 dtype=dtype,

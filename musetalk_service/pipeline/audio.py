@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from musetalk_service.errors import BadAudio
+from musetalk_service.media.rates import exact_rate
 
 logger = logging.getLogger(__name__)
 
@@ -37,22 +38,6 @@ SEGMENTS_PER_BATCH = 8
 Fps = float | Fraction
 
 
-def exact_fps(fps: Fps) -> Fraction:
-    """The frame rate as an exact fraction.
-
-    Floats are snapped to the nearest fraction with a denominator up to 100000, so that 29.97
-    becomes 2997/100 and 30000/1001 (as probed from NTSC video) becomes exactly 30000/1001; frame
-    counts and window starts are then floors of exact rationals and never off by one at a boundary.
-    """
-    if isinstance(fps, Fraction):
-        result = fps
-    else:
-        result = Fraction(fps).limit_denominator(100_000)
-    if result <= 0:
-        raise ValueError(f"fps must be positive, got {fps}")
-    return result
-
-
 def frame_count(n_samples: int, fps: Fps) -> int:
     """Output video frames for `n_samples` of 16 kHz audio: floor(duration * fps).
 
@@ -60,7 +45,7 @@ def frame_count(n_samples: int, fps: Fps) -> int:
     video is written at the real rate, so lips drift about 3 % behind the audio. That is a bug we
     do not copy: the rate is used exactly.
     """
-    rate = exact_fps(fps)
+    rate = exact_rate(fps)
     return (n_samples * rate.numerator) // (SAMPLE_RATE * rate.denominator)
 
 
@@ -77,7 +62,7 @@ class AudioFeatures:
             raise ValueError(f"encoder frames must be [n, L, D], got {tuple(encoder_frames.shape)}")
         self.encoder_frames = encoder_frames
         self.n_samples = n_samples
-        self.fps = exact_fps(fps)
+        self.fps = exact_rate(fps)
         # Window starts and padding in exact integer arithmetic on the real rate (not int(fps)).
         self._mult_num = ENCODER_FPS * self.fps.denominator
         self._mult_den = self.fps.numerator

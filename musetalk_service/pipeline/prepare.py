@@ -28,14 +28,8 @@ from musetalk_service.pipeline.faces import FaceLocator
 from musetalk_service.pipeline.frames import DeviceFrames
 from musetalk_service.pipeline.latents import FACE_SIZE, crop_faces, encode_crops
 from musetalk_service.contract import FaceBox, LipsyncRequest
+from musetalk_service.nets.runtime import PREP_BATCH
 from musetalk_service.settings import FaceSettings
-
-PREP_BATCH = 32
-"""Source frames per face-tracking run (FAN's batch; the VAE encoder's too). Fixed, not the
-request's batch size: tracking places keyframes per run, so the boxes (and the cache key) would
-otherwise depend on it. Runs start at multiples of it from the video's first frame; only where a
-request's audio ends inside a run is that run cut in two (its first part went out with the output)."""
-
 
 @dataclass(frozen=True)
 class LocatedFrames:

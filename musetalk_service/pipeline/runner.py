@@ -28,20 +28,20 @@ from musetalk_service.media.encode import EncoderChoice, VideoEncoder, choose_en
 from musetalk_service.media.ffmpeg import find_ffmpeg
 from musetalk_service.media.mux import Mp4Audio, mux_audio
 from musetalk_service.media.segments import SegmentedEncoder, encode_workers_for
+from musetalk_service.media.rates import output_rate
 from musetalk_service.media.probe import VideoInfo, probe_audio, probe_video
 from musetalk_service.nets.bundle import ModelBundle
-from musetalk_service.nets.fixed_batch import use_compile_cache
 from musetalk_service.nets.loading import release_freed_host_memory
+from musetalk_service.nets.runtime import PREP_BATCH, load_models, release_cached_memory
+from musetalk_service.nets.runtime import answers as device_answers
+from musetalk_service.nets.runtime import memory_bytes as device_memory_bytes
 from musetalk_service.pipeline.audio import AudioFeatures
 from musetalk_service.pipeline.avatar_cache import Avatar, AvatarCache, avatar_key, prep_options, weights_fingerprint
 from musetalk_service.pipeline.blend import FaceBlender
-from musetalk_service.pipeline.device import answers as device_answers
-from musetalk_service.pipeline.device import memory_bytes as device_memory_bytes
-from musetalk_service.pipeline.device import cap_memory, release_cached_memory, use_expandable_segments
 from musetalk_service.pipeline.compose import GpuComposer
 from musetalk_service.pipeline.frames import DeviceFrames, DeviceFrameUploader
 from musetalk_service.pipeline.generate import generate_faces, generate_faces_tensor
-from musetalk_service.pipeline.prepare import PREP_BATCH, AvatarBuilder
+from musetalk_service.pipeline.prepare import AvatarBuilder
 from musetalk_service.contract import LipsyncRequest, LipsyncResult
 from musetalk_service.pipeline.source import SourceFrames
 from musetalk_service.pipeline.stages import Consume, Prefetch
@@ -52,8 +52,6 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]
 
-# An fps given as a float (29.97) becomes the exact broadcast rational it stands for (30000/1001).
-_FPS_MAX_DENOMINATOR = 1001
 
 
 class LipsyncPipeline:
@@ -339,7 +337,7 @@ class LipsyncPipeline:
         )  # fmt: skip
 
     def _fps(self, request: LipsyncRequest, video: VideoInfo) -> Fraction:
-        return Fraction(request.fps).limit_denominator(_FPS_MAX_DENOMINATOR) if request.fps else video.fps
+        return output_rate(request.fps, video.fps)
 
     def _resolve_avatar(self, request: LipsyncRequest) -> LipsyncRequest:
         """A request naming an avatar runs on that avatar's video with the options it was made with."""
@@ -438,28 +436,6 @@ class LipsyncPipeline:
         """A tiny op on the device, waited for (True on the CPU). Blocks if the GPU has stopped
         answering: call it from a thread with a timeout."""
         return device_answers(self.models.device)
-
-
-def load_models(settings: Settings, *, warm: bool = True) -> ModelBundle:
-    """The networks as the service runs them: on the configured device, the per-batch ones at
-    their fixed batch sizes, compiled and replayed as CUDA graphs where `settings.compile` says
-    (with its disk cache); warmed up (compiled, graphs recorded) unless `warm` is False. With
-    `face.detector: haar`, without S3FD and FAN."""
-    device = settings.resolved_device()
-    use_expandable_segments()
-    cap_memory(device, settings.gpu_memory_gb)
-    compile_mode = settings.compile.mode_for(device)
-    if compile_mode is not None:
-        use_compile_cache(settings.compile.cache_dir)
-    models = ModelBundle.load(
-        settings.models_dir, device,
-        batch_size=settings.lipsync.batch_size, prepare_batch=PREP_BATCH, encode_batch=PREP_BATCH // 4,
-        compile_mode=compile_mode,
-        cuda_graphs=settings.compile.graphs_for(device), detector=settings.face.detector,
-    )  # fmt: skip
-    if warm:
-        models.warmup()
-    return models
 
 
 def _no_progress(phase: str, done: int, total: int) -> None:

@@ -11,7 +11,8 @@ from fractions import Fraction
 import pytest
 
 from musetalk_service.errors import FFmpegError, OutputNotWritable
-from musetalk_service.media.ffmpeg import FFmpegPipe, ensure_writable_dir, exact_rate, find_ffmpeg, run_ffmpeg
+from musetalk_service.media.ffmpeg import FFmpegPipe, ensure_writable_dir, find_ffmpeg, run_ffmpeg
+from musetalk_service.media.rates import exact_rate
 
 from .conftest import pid_alive
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from musetalk_service.errors import BadAudio
-from musetalk_service.pipeline.audio import AudioFeatures, exact_fps, frame_count
+from musetalk_service.media.rates import exact_rate as exact_fps
+from musetalk_service.pipeline.audio import AudioFeatures, frame_count
 
 
 @pytest.mark.parametrize(

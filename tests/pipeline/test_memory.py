@@ -71,7 +71,7 @@ def test_a_request_gives_its_gpu_memory_back_when_it_ends(tiny_settings, tmp_pat
 
 CAP_SCRIPT = """
 import torch
-from musetalk_service.pipeline.device import cap_memory
+from musetalk_service.nets.runtime import cap_memory
 MB = 2**20
 cap_memory(torch.device("cuda:0"), 0.5)
 side = torch.cuda.Stream()

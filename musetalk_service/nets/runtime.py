@@ -1,5 +1,6 @@
-"""The compute device's housekeeping: cheap questions for the service's probes and metrics, the
-CUDA allocator's configuration, and giving memory back between requests."""
+"""The runtime policy of the networks: loading the bundle onto the chosen device (allocator
+configuration, memory cap, compile cache), cheap questions for the service's probes and metrics,
+and giving memory back between requests."""
 
 from __future__ import annotations
 
@@ -7,9 +8,42 @@ import os
 
 import torch
 
+from musetalk_service.nets.bundle import ModelBundle
+from musetalk_service.nets.fixed_batch import use_compile_cache
+from musetalk_service.settings import Settings
+
+PREP_BATCH = 32
+"""Source frames per face-tracking run (FAN's batch; the VAE encoder's too), which the face and
+latent networks are compiled for. Fixed, not the request's batch size: tracking places keyframes
+per run, so the boxes (and the cache key) would otherwise depend on it. Runs start at multiples
+of it from the video's first frame; only where a request's audio ends inside a run is that run
+cut in two (its first part went out with the output)."""
+
 ALLOCATOR_ENV = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
 """The variables that configure torch's CUDA allocator: every torch version reads the first, the
 newer ones the second too."""
+
+
+def load_models(settings: Settings, *, warm: bool = True) -> ModelBundle:
+    """The networks as the service runs them: on the configured device, the per-batch ones at
+    their fixed batch sizes, compiled and replayed as CUDA graphs where `settings.compile` says
+    (with its disk cache); warmed up (compiled, graphs recorded) unless `warm` is False. With
+    `face.detector: haar`, without S3FD and FAN."""
+    device = settings.resolved_device()
+    use_expandable_segments()
+    cap_memory(device, settings.gpu_memory_gb)
+    compile_mode = settings.compile.mode_for(device)
+    if compile_mode is not None:
+        use_compile_cache(settings.compile.cache_dir)
+    models = ModelBundle.load(
+        settings.models_dir, device,
+        batch_size=settings.lipsync.batch_size, prepare_batch=PREP_BATCH, encode_batch=PREP_BATCH // 4,
+        compile_mode=compile_mode,
+        cuda_graphs=settings.compile.graphs_for(device), detector=settings.face.detector,
+    )  # fmt: skip
+    if warm:
+        models.warmup()
+    return models
 
 
 def memory_bytes(device: torch.device) -> dict[str, int] | None:
