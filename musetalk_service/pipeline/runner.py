@@ -42,7 +42,7 @@ from musetalk_service.pipeline.compose import GpuComposer
 from musetalk_service.pipeline.frames import DeviceFrames, DeviceFrameUploader
 from musetalk_service.pipeline.generate import generate_faces, generate_faces_tensor
 from musetalk_service.pipeline.prepare import PREP_BATCH, AvatarBuilder
-from musetalk_service.pipeline.request import LipsyncRequest
+from musetalk_service.pipeline.request import LipsyncRequest, parse_fps
 from musetalk_service.pipeline.result import LipsyncResult
 from musetalk_service.pipeline.source import SourceFrames
 from musetalk_service.pipeline.stages import Consume, Prefetch
@@ -52,9 +52,6 @@ from musetalk_service.settings import Settings
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]
-
-# An fps given as a float (29.97) becomes the exact broadcast rational it stands for (30000/1001).
-_FPS_MAX_DENOMINATOR = 1001
 
 
 class LipsyncPipeline:
@@ -340,7 +337,10 @@ class LipsyncPipeline:
         )  # fmt: skip
 
     def _fps(self, request: LipsyncRequest, video: VideoInfo) -> Fraction:
-        return Fraction(request.fps).limit_denominator(_FPS_MAX_DENOMINATOR) if request.fps else video.fps
+        if not request.fps:
+            return video.fps
+        # A Fraction (an exact rate, an avatar's own) is used as it is; a float is snapped.
+        return request.fps if isinstance(request.fps, Fraction) else parse_fps(request.fps)
 
     def _resolve_avatar(self, request: LipsyncRequest) -> LipsyncRequest:
         """A request naming an avatar runs on that avatar's video with the options it was made with."""
