@@ -2,11 +2,13 @@
 
 # No `from __future__ import annotations`: the option fields' annotations are built by `_option()`
 # calls, evaluated here rather than by pydantic from strings.
+from fractions import Fraction
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeInt, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
 
+from musetalk_service.media.rates import MAX_FPS, MIN_FPS, parse_fps
 from musetalk_service.settings import LipsyncDefaults
 
 
@@ -37,8 +39,17 @@ class _PrepOptions(BaseModel):
         description="`[x1, y1, x2, y2]` in source-frame pixels (x2, y2 exclusive): use this face box "
         "on every frame and skip face detection.",
     )
-    fps: float | None = Field(
-        None, gt=0, le=120, description="Output frame rate; unset keeps the video's own rate."
+    fps: Annotated[
+        Fraction,
+        BeforeValidator(parse_fps),
+        WithJsonSchema({"anyOf": [
+            {"type": "number", "minimum": MIN_FPS, "maximum": MAX_FPS},
+            {"type": "string", "pattern": r"^[0-9]+(/[0-9]+)?$", "examples": ["30000/1001", "25"]},
+        ]}),
+    ] | None = Field(
+        None,
+        description=f"Output frame rate, {MIN_FPS} to {MAX_FPS}: a number (snapped to the nearest fraction of denominator <= 1001) or an exact "
+        "rate string such as `\"30000/1001\"`, kept exactly; unset keeps the video's own rate.",
     )
     bbox_shift: _option("bbox_shift") = None
     extra_margin: _option("extra_margin") = None

@@ -10,6 +10,7 @@ all of them agree to the frame. A float becomes the simplest fraction with a den
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 MAX_DENOMINATOR = 1001
@@ -34,3 +35,34 @@ def exact_rate(fps: Rate) -> Fraction:
 def output_rate(requested: Rate | None, video_fps: Fraction) -> Fraction:
     """A request's output rate: the one it asks for, else the video's own."""
     return exact_rate(requested) if requested else exact_rate(video_fps)
+
+
+MIN_FPS, MAX_FPS = 1, 120
+"""Output frame rates a request may ask for (a lip-sync below 1 fps shows nothing; below it a float's snap could reach 0)."""
+MAX_RATE_DENOMINATOR = 1_000_000
+"""An exact rate string ("30000/1001") is kept as given, up to this denominator (ffmpeg's rates are int32 pairs)."""
+
+
+def parse_fps(value: object) -> Fraction:
+    """A request's output frame rate, checked: a number (snapped as `exact_rate` does) or an exact
+    rate string (`"30000/1001"`, `"25"`), kept as given, between MIN_FPS and MAX_FPS. ValueError
+    says what is wrong, in words a caller can act on."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str, Fraction)):
+        raise ValueError('must be a number or a rate string such as "30000/1001"')
+    if isinstance(value, str):
+        num, slash, den = value.strip().partition("/")
+        if len(value) > 40 or not (num.isascii() and num.isdigit() and (not slash or (den.isascii() and den.isdigit()))):
+            raise ValueError(f'must be a number or a rate string such as "30000/1001", got {value[:40]!r}')
+        if slash and int(den) == 0:
+            raise ValueError("the rate's denominator must not be 0")
+        rate = Fraction(int(num), int(den) if slash else 1)
+        if rate.denominator > MAX_RATE_DENOMINATOR:
+            raise ValueError(f"the rate's denominator must be at most {MAX_RATE_DENOMINATOR}")
+    elif isinstance(value, float) and not (math.isfinite(value) and MIN_FPS <= value <= MAX_FPS):
+        # Checked before the snap: 1e-300 would snap to 0.
+        raise ValueError(f"must be between {MIN_FPS} and {MAX_FPS}")
+    else:
+        rate = Fraction(value).limit_denominator(MAX_DENOMINATOR) if isinstance(value, float) else Fraction(value)
+    if not MIN_FPS <= rate <= MAX_FPS:
+        raise ValueError(f"must be between {MIN_FPS} and {MAX_FPS}")
+    return rate
