@@ -13,6 +13,7 @@ Imports: the standard library, `errors`, `settings` (pydantic, for the defaults'
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -29,6 +30,7 @@ __all__ = [
     "Engine",
     "EngineHealth",
     "FaceBox",
+    "is_avatar_id",
     "GpuMemory",
     "LipsyncRequest",
     "LipsyncResult",
@@ -43,6 +45,15 @@ __all__ = [
 
 FaceBox = tuple[int, int, int, int]
 """A face box in source-frame pixels: (x1, y1, x2, y2), x2/y2 exclusive."""
+
+AVATAR_ID_HEX = 32
+"""An avatar id is its cache key: this many lowercase hex digits (128 bits of sha256)."""
+_AVATAR_ID = re.compile(rf"^[0-9a-f]{{{AVATAR_ID_HEX}}}$")
+
+
+def is_avatar_id(value: object) -> bool:
+    """Whether `value` has the form of an avatar id (also what keeps ids from naming other paths)."""
+    return isinstance(value, str) and _AVATAR_ID.match(value) is not None
 
 PHASES = ("read", "face_detect", "vae_encode", "audio", "unet", "blend", "encode", "mux")
 """Timed phases, in pipeline order. `face_detect` is the face phase: the boxes and the faces cut

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pickle
 import subprocess
 import sys
+
+import pytest
 import threading
 from fractions import Fraction
 from pathlib import Path
@@ -23,8 +25,10 @@ from musetalk_service.contract import (
 from musetalk_service.errors import FFmpegError, InvalidOption
 
 
-def test_contract_imports_neither_torch_nor_cv2():
-    code = "import sys, musetalk_service.contract; print(sorted({'torch', 'cv2', 'safetensors'} & set(sys.modules)))"
+@pytest.mark.parametrize("module", ["musetalk_service.contract", "musetalk_service.api.app"])
+def test_contract_and_api_import_neither_torch_nor_cv2(module):
+    # The API application must run where no GPU stack is installed (a Ray ingress, a CPU proxy).
+    code = f"import sys, {module}; print(sorted({{'torch', 'cv2', 'safetensors'}} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

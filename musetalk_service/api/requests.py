@@ -21,9 +21,9 @@ from musetalk_service.api.paths import PathPolicy
 from musetalk_service.api.schemas import AvatarBody, LipsyncBody
 from musetalk_service.api.service import Service
 from musetalk_service.api.uploads import ReceivedForm
+from musetalk_service.contract import is_avatar_id
 from musetalk_service.errors import AvatarNotFound, InvalidOption
 from musetalk_service.media.probe import probe_audio, probe_video
-from musetalk_service.pipeline.avatar_cache import is_avatar_key
 from musetalk_service.contract import LipsyncRequest
 from musetalk_service.settings import LimitSettings, Settings
 
@@ -123,7 +123,7 @@ def checked_avatar_request(service: Service, body: AvatarBody, uploaded: frozens
 
 def find_avatar(pipeline: Any, avatar_id: str) -> dict:
     """The prepared avatar's summary row; `AvatarNotFound` (404) if there is none of that id."""
-    if is_avatar_key(avatar_id):
+    if is_avatar_id(avatar_id):
         for row in pipeline.list_avatars():
             if row.get("key") == avatar_id:
                 return row

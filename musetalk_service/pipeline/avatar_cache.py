@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import threading
 import time
@@ -43,7 +42,7 @@ from safetensors.torch import save as save_safetensors
 
 from musetalk_service.pipeline.blend import MaskEntry
 from musetalk_service.errors import Cancelled, InputError
-from musetalk_service.contract import FaceBox, LipsyncRequest
+from musetalk_service.contract import AVATAR_ID_HEX, FaceBox, LipsyncRequest, is_avatar_id
 from musetalk_service.settings import FaceSettings
 
 log = logging.getLogger(__name__)
@@ -52,15 +51,12 @@ PREP_VERSION = 1
 """Part of every key: bump it when the face, latent or mask code changes what a preparation gives."""
 DISK_FORMAT = 1
 """Written in meta.json; a folder of another format is treated as corrupt (removed, rebuilt)."""
-KEY_HEX = 32
-"""Key length in hex digits (128 bits of sha256)."""
 LATENT_SHAPE = (8, 32, 32)
 CHUNK = 1 << 20
 """Content hashing reads the file 1 MiB at a time."""
 STALE_TEMP_S = 3600.0
 """Temporary folders older than this are leftovers of a crashed writer, removed at start."""
 
-_KEY_RE = re.compile(rf"^[0-9a-f]{{{KEY_HEX}}}$")
 _META, _LATENTS, _MASKS = "meta.json", "latents.safetensors", "masks.npz"
 
 
@@ -203,12 +199,7 @@ def avatar_key(video_path: str | os.PathLike, options: Mapping[str, Any]) -> str
     """The avatar's id: 32 hex digits of sha256(content hash of the video, canonical options)."""
     text = json.dumps(_canonical(options), sort_keys=True, separators=(",", ":"))
     payload = f"musetalk-avatar\n{PREP_VERSION}\n{content_hash(video_path)}\n{text}"
-    return hashlib.sha256(payload.encode()).hexdigest()[:KEY_HEX]
-
-
-def is_avatar_key(key: str) -> bool:
-    """Whether `key` has the form of an avatar id (also what keeps ids from naming other paths)."""
-    return isinstance(key, str) and _KEY_RE.match(key) is not None
+    return hashlib.sha256(payload.encode()).hexdigest()[:AVATAR_ID_HEX]
 
 
 # --- the avatar -----------------------------------------------------------------------------------
@@ -238,7 +229,7 @@ class Avatar:
     bytes: int = field(init=False)
 
     def __post_init__(self) -> None:
-        if not is_avatar_key(self.key):
+        if not is_avatar_id(self.key):
             raise ValueError(f"not an avatar key: {self.key!r}")
         n = int(self.frame_count)
         boxes = tuple(None if b is None else tuple(int(v) for v in b) for b in self.boxes)
@@ -445,7 +436,7 @@ class AvatarCache:
         """The cached avatar, else `build()`'s, cached. Concurrent callers for a key under
         construction wait for it (a hit each) instead of building it again. `cancel` set while
         waiting raises `Cancelled`. The avatar's key must be `key`."""
-        if not is_avatar_key(key):
+        if not is_avatar_id(key):
             raise ValueError(f"not an avatar key: {key!r}")
         while True:
             avatar = self._lookup(key)
@@ -474,7 +465,7 @@ class AvatarCache:
 
     def delete(self, key: str) -> bool:
         """Forget the avatar in both tiers (a build in progress is not cached); whether it existed."""
-        if not is_avatar_key(key):
+        if not is_avatar_id(key):
             return False
         with self._disk_lock, self._lock:
             self._generation[key] = self._generation.get(key, 0) + 1
@@ -522,7 +513,7 @@ class AvatarCache:
 
     def _lookup(self, key: str) -> Avatar | None:
         """Memory, then disk (promoted to memory); counts only the tier hit and corrupt folders."""
-        if not is_avatar_key(key):
+        if not is_avatar_id(key):
             return None
         with self._lock:
             avatar = self._memory.get(key)
@@ -727,7 +718,7 @@ class AvatarCache:
                 if name.startswith(".trash-") or (name.startswith(".tmp-") and now - path.stat().st_mtime > STALE_TEMP_S):
                     shutil.rmtree(path, ignore_errors=True)
                     continue
-                if not path.is_dir() or not is_avatar_key(name):
+                if not path.is_dir() or not is_avatar_id(name):
                     continue
                 meta = _read_meta(path, name)
                 meta.pop("format", None)

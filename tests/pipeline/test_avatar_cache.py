@@ -21,11 +21,10 @@ from musetalk_service.pipeline.avatar_cache import (
     AvatarCache,
     avatar_key,
     content_hash,
-    is_avatar_key,
     prep_options,
     weights_fingerprint,
 )
-from musetalk_service.contract import LipsyncRequest
+from musetalk_service.contract import LipsyncRequest, is_avatar_id
 from musetalk_service.settings import FaceSettings
 
 MB = 1 << 20
@@ -113,7 +112,7 @@ def test_content_hash_is_sha256_of_the_bytes_and_memoised(video):
 def test_key_follows_content_not_path(video, tmp_path):
     options = _options()
     key = avatar_key(video, options)
-    assert is_avatar_key(key) and len(key) == 32
+    assert is_avatar_id(key) and len(key) == 32
     copy = tmp_path / "elsewhere" / "renamed.mov"
     copy.parent.mkdir()
     shutil.copy(video, copy)
