@@ -47,7 +47,7 @@ from musetalk_service.settings import FaceSettings
 
 log = logging.getLogger(__name__)
 
-PREP_VERSION = 1
+PREP_VERSION = 2
 """Part of every key: bump it when the face, latent or mask code changes what a preparation gives."""
 DISK_FORMAT = 1
 """Written in meta.json; a folder of another format is treated as corrupt (removed, rebuilt)."""

@@ -6,8 +6,12 @@ lower half of the square only, and its edges are Gaussian-blurred. It depends on
 frame and its box, so `FaceBlender` computes it for one source frame in every `mask_every` and
 reuses it in between; the blend itself is a few vectorised numpy operations over the face box.
 
-Everything is BGR uint8 numpy; no PIL, no full-frame copies. The parser reads a frame only through
+Everything is BGR uint8 numpy, with no full-frame copies. The parser reads a frame only through
 its `frame[rows, cols]` slice, so a new video's frames may also be `frames.DeviceFrames` on the GPU.
+The parser's 512x512 input and the mask's resize back to the square are PIL's (`Image.resize`), as
+the official code resizes them: OpenCV's kernels are not PIL's (PIL widens its filter's support with
+the downscale factor, cv2's cubic and linear do not), and with them the mask's feathered edge was up
+to 25 levels off the official one. Pillow's resize releases the GIL, so masks still run on threads.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 
 from musetalk_service.parallel import for_each_index
 from musetalk_service.pipeline.frames import DeviceFrame
@@ -116,36 +121,54 @@ def parsing_region(
 def square_mask(region: np.ndarray, box: FaceBox, square: Square) -> np.ndarray:
     """Blend mask (uint8, 0..255) over the square, from a 512x512 `parsing_region`.
 
-    The region is resized to the square with bicubic interpolation, cut to the face box and to the
-    square's lower half (rows >= s: below about the nose), then Gaussian-blurred.
+    The region is resized to the square with PIL's bicubic (the official `face_seg`'s
+    `Image.resize`, whose default for mode L is BICUBIC), cut to the face box and to the square's
+    lower half (rows >= s: below about the nose), then Gaussian-blurred.
     """
     sx1, sy1, sx2, _ = square
     side = sx2 - sx1
-    resized = cv2.resize(region, (side, side), interpolation=cv2.INTER_CUBIC)
+    # The whole square, not just the box: PIL places its samples from the output size and box, so
+    # resizing only the box's part (`box=`) is up to a level off the official mask.
+    resized = np.asarray(Image.fromarray(region).resize((side, side), Image.Resampling.BICUBIC))
     x1, y1, x2, y2 = box
     top = min(max(y1 - sy1, side // 2), side)
     bottom = min(max(y2 - sy1, 0), side)
     left = min(max(x1 - sx1, 0), side)
     right = min(max(x2 - sx1, 0), side)
-    mask = np.zeros_like(resized)
-    mask[top:bottom, left:right] = resized[top:bottom, left:right]
+    mask = np.zeros((side, side), np.uint8)
+    if top >= bottom or left >= right:
+        return mask
     kernel = int(BLUR_FRACTION * side // 2 * 2) + 1
-    return cv2.GaussianBlur(mask, (kernel, kernel), 0)
+    # The blur of the whole square, computed around the non-zero rectangle only (a third of the
+    # square at most; the blur is most of a mask's cost): a pixel more than `reach` from the
+    # rectangle stays 0, and one within `reach` of it sees, within `reach` of itself, only pixels
+    # of the window, which stands a further `reach` out. At the square's sides the window meets
+    # them, so cv2's border there is the same reflection as the whole square's.
+    reach = kernel // 2
+
+    def grown(by: int) -> tuple[int, int, int, int]:
+        return max(top - by, 0), min(bottom + by, side), max(left - by, 0), min(right + by, side)
+
+    wy0, wy1, wx0, wx1 = grown(2 * reach)
+    window = np.zeros((wy1 - wy0, wx1 - wx0), np.uint8)
+    window[top - wy0 : bottom - wy0, left - wx0 : right - wx0] = resized[top:bottom, left:right]
+    blurred = cv2.GaussianBlur(window, (kernel, kernel), 0)
+    r0, r1, c0, c1 = grown(reach)
+    mask[r0:r1, c0:c1] = blurred[r0 - wy0 : r1 - wy0, c0 - wx0 : c1 - wx0]
+    return mask
 
 
 def _parser_input(frame: np.ndarray | DeviceFrame, square: Square) -> np.ndarray:
-    """The square cut from the frame (black outside it), resized to 512x512, still BGR uint8."""
+    """The square cut from the frame (black outside it, as PIL's crop pads), resized to 512x512
+    with PIL's bilinear as the official `FaceParsing` resizes it, still BGR uint8 (PIL resamples
+    each channel alike, so the order does not matter)."""
     sx1, sy1, sx2, sy2 = square
     h, w = frame.shape[:2]
     ix1, iy1, ix2, iy2 = max(sx1, 0), max(sy1, 0), min(sx2, w), min(sy2, h)
     crop = cv2.copyMakeBorder(
         frame[iy1:iy2, ix1:ix2], iy1 - sy1, sy2 - iy2, ix1 - sx1, sx2 - ix2, cv2.BORDER_CONSTANT, value=0
     )
-    # The official resize is PIL bilinear, which filters over the whole footprint when shrinking;
-    # cv2's INTER_LINEAR does not (it aliases), INTER_AREA is the equivalent there.
-    shrink = sx2 - sx1 > PARSING_SIZE
-    interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-    return cv2.resize(crop, (PARSING_SIZE, PARSING_SIZE), interpolation=interpolation)
+    return np.asarray(Image.fromarray(crop).resize((PARSING_SIZE, PARSING_SIZE), Image.Resampling.BILINEAR))
 
 
 class ParsingMask:
@@ -197,7 +220,7 @@ class ParsingMask:
             region = parsing_region(label_maps[i], self.mode, self.left_cheek_width, self.right_cheek_width)
             masks[i] = square_mask(region, boxes[i], squares[i])
 
-        # On threads: the dilations, the bicubic resize and the blur are cv2 (the GIL is released).
+        # On threads: the dilations and the blur (cv2) and the bicubic resize (PIL) release the GIL.
         # On a new video masks are made in the writer thread, which bounds the request: in a
         # py-spy of a cold request on the H100, a third of that thread's samples were in here.
         for_each_index(finish, len(boxes))
