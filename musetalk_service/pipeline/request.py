@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from musetalk_service.settings import LipsyncDefaults, ParsingMode
+from musetalk_service.settings import LipsyncDefaults, ParsingMode, SilenceMode
 
 FaceBox = tuple[int, int, int, int]
 """A face box in source-frame pixels: (x1, y1, x2, y2), x2/y2 exclusive."""
@@ -36,6 +36,8 @@ class LipsyncRequest:
     left_cheek_width: int = 90
     right_cheek_width: int = 90
     mask_every: int = 5
+    silence: SilenceMode = "generate"
+    """Silent frames: `generate` a mouth, or show the `source` frame as it is (pipeline/silence.py)."""
 
     @classmethod
     def with_defaults(cls, defaults: LipsyncDefaults, **fields) -> "LipsyncRequest":

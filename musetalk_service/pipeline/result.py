@@ -24,6 +24,10 @@ class LipsyncResult:
     """Frames whose fast blend failed and were recomputed the slow way."""
     frames_without_face: int = 0
     """Output frames passed through unchanged because their source frame had no face."""
+    frames_generated: int = 0
+    """Output frames whose mouth was generated (UNet + VAE decode + blend), cross-fades included."""
+    frames_silent: int = 0
+    """Output frames passed through as silent (`silence: source`): nothing generated for them."""
     avatar_id: str | None = None
     """The prepared video this output was made from: name it in later requests to skip preparing."""
     warnings: list[str] = field(default_factory=list)
