@@ -5,6 +5,7 @@ from __future__ import annotations
 from fractions import Fraction
 
 import numpy as np
+import pytest
 
 from musetalk_service.media.synth import speech_like_samples, write_audio
 from musetalk_service.pipeline.request import LipsyncRequest
@@ -90,3 +91,69 @@ def test_silent_frames_pass_through_untouched_and_the_unet_skips_them(tiny_pipel
     for i in range(25, 35):  # well inside the silence (0.8-1.6 s: frames 20-39, fades of 4)
         assert np.array_equal(out[i], source[pingpong_index(i, 12)])  # the video cycles (ping-pong)
     assert not np.array_equal(out[10], source[pingpong_index(10, 12)])  # speech: generated
+
+
+def _silence_run(pipeline, tmp_path, samples: np.ndarray, **options):
+    """`silence: source` on a 12-frame indexed video; the result, the output's frames and the
+    source frame of each output frame (ping-pong)."""
+    from musetalk_service.pipeline.source import pingpong_index
+    from tests.pipeline.test_runner import decode_all, indexed_video
+
+    video = indexed_video(tmp_path / "v.mp4", 12, Fraction(25), pipeline.ffmpeg, pipeline.settings)
+    request = LipsyncRequest.with_defaults(
+        pipeline.settings.lipsync, video_path=video, audio_path=write_audio(tmp_path / "a.wav", samples),
+        output_path=tmp_path / "out.mp4", silence="source", **options,
+    )  # fmt: skip
+    result = pipeline.run(request)
+    source = decode_all(video, pipeline.ffmpeg)
+    return result, decode_all(result.output_path, pipeline.ffmpeg), np.stack([source[pingpong_index(i, 12)] for i in range(result.frames)])
+
+
+def test_boundaries_fade_monotonically_and_silence_is_as_close_to_the_source_as_a_re_encode(tiny_pipeline, tmp_path):
+    from musetalk_service.media.encode import VideoEncoder, encoder_for
+    from tests.pipeline.test_runner import FACE_BOX, decode_all
+
+    samples = _track()[: int(2.4 * SR)]
+    result, out, source = _silence_run(tiny_pipeline, tmp_path, samples, face_box=FACE_BOX)
+    weights = SilencePlan.from_samples(samples, SR, Fraction(25), 60, SilenceRule(), tiny_pipeline.settings.silence.fade_frames).weights
+    x1, y1, x2, y2 = FACE_BOX
+    mouth = lambda frames: frames[:, (y1 + y2) // 2 : y2, x1:x2].astype(int)  # noqa: E731 - the blended half of the box
+    distance = np.abs(mouth(out) - mouth(source)).mean(axis=(1, 2, 3))
+    # Into the silence (weights stepping down from the last speech frame) and out of it (up to the next).
+    last_speech = int(np.flatnonzero(weights[:30] == 1)[-1])
+    next_speech = 30 + int(np.flatnonzero(weights[30:] == 1)[0])
+    fade_out, fade_in = range(last_speech, last_speech + 6), range(next_speech - 5, next_speech + 1)
+    assert np.all(np.diff(weights[list(fade_out)]) < 0) and np.all(np.diff(weights[list(fade_in)]) > 0)
+    assert np.all(np.diff(distance[list(fade_out)]) < 0), distance[list(fade_out)]
+    assert np.all(np.diff(distance[list(fade_in)]) > 0), distance[list(fade_in)]
+    # Well inside the silence the output is the source re-encoded: as close to it as a plain
+    # re-encode of the source frames at the same encoder settings.
+    inside = slice(last_speech + 7, next_speech - 6)
+    assert inside.stop - inside.start >= 4
+    choice = encoder_for("libx264", tiny_pipeline.settings.encode)
+    with VideoEncoder(tmp_path / "re.mp4", 256, 256, Fraction(25), choice, tiny_pipeline.ffmpeg) as encoder:
+        encoder.write(source)
+    again = decode_all(tmp_path / "re.mp4", tiny_pipeline.ffmpeg)
+    ours = np.abs(out[inside].astype(int) - source[inside]).mean()
+    theirs = np.abs(again[inside].astype(int) - source[inside]).mean()
+    assert ours <= theirs + 0.25, (ours, theirs)
+
+
+def test_an_all_silent_track_gives_the_source_video_back_with_its_audio_without_a_face(tiny_pipeline, tmp_path, monkeypatch):
+    """No face box, and no face phase at all (no avatar is built): a video where no face would be
+    found gives its frames back too."""
+    import musetalk_service.pipeline.runner as runner
+    from musetalk_service.media.probe import probe_audio
+    from tests.pipeline.test_runner import frame_codes
+
+    def never(*args, **kwargs):
+        raise AssertionError("a face phase or the UNet ran")
+
+    monkeypatch.setattr(runner, "generate_faces", never)
+    monkeypatch.setattr(runner, "AvatarBuilder", never)
+    silent = np.zeros(int(0.8 * SR), np.float32)
+    result, out, source = _silence_run(tiny_pipeline, tmp_path, silent)
+    assert result.frames == 20 == result.frames_silent and result.frames_generated == 0 and result.avatar_id is None
+    assert frame_codes(out) == frame_codes(source)  # the source's frames, in ping-pong order
+    assert np.abs(out.astype(int) - source).mean() < 3  # as encoded, nothing pasted
+    assert probe_audio(result.output_path).duration_s == pytest.approx(0.8, abs=0.05)
