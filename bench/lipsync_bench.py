@@ -2,7 +2,7 @@
 
     python3 bench/lipsync_bench.py MODELS_DIR WORK_DIR SECONDS [OUT_JSON [RUNS]]
 
-RUNS: comma-separated, of cold, warm, face_box (default all three).
+RUNS: comma-separated, of cold, warm, face_box, silence30 (default all four; silence30 after warm).
 """
 
 import json

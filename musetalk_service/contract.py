@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from musetalk_service.media.probe import AudioInfo, VideoInfo
-from musetalk_service.settings import LipsyncDefaults, ParsingMode
+from musetalk_service.settings import LipsyncDefaults, ParsingMode, SilenceMode
 
 __all__ = [
     "PHASES",
@@ -92,6 +92,8 @@ class LipsyncRequest:
     left_cheek_width: int = 90
     right_cheek_width: int = 90
     mask_every: int = 5
+    silence: SilenceMode = "generate"
+    """Silent frames: `generate` a mouth, or show the `source` frame as it is (pipeline/silence.py)."""
 
     @classmethod
     def with_defaults(cls, defaults: LipsyncDefaults, **fields: Any) -> LipsyncRequest:
@@ -178,6 +180,10 @@ class LipsyncResult:
     """Frames whose fast blend failed and were recomputed the slow way."""
     frames_without_face: int = 0
     """Output frames passed through unchanged because their source frame had no face."""
+    frames_generated: int = 0
+    """Output frames whose mouth was generated (UNet + VAE decode + blend), cross-fades included."""
+    frames_silent: int = 0
+    """Output frames passed through as silent (`silence: source`): nothing generated for them."""
     avatar_id: str | None = None
     """The prepared video this output was made from: name it in later requests to skip preparing."""
     warnings: list[str] = field(default_factory=list)

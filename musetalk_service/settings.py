@@ -19,6 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
 
 ParsingMode = Literal["raw", "jaw", "neck"]
+SilenceMode = Literal["generate", "source"]
 
 
 class EncodeSettings(BaseModel):
@@ -56,6 +57,22 @@ class LipsyncDefaults(BaseModel):
     left_cheek_width: int = Field(90, ge=0, le=256)
     right_cheek_width: int = Field(90, ge=0, le=256)
     mask_every: int = Field(5, ge=1, le=1000, description="Recompute the face-parsing mask every N source frames.")
+    silence: SilenceMode = Field(
+        "generate",
+        description="Frames whose audio is silent: `generate` a mouth as for speech, or show the `source` video's "
+        "frame as it is (its resting mouth; no UNet, VAE decode or blend for them), cross-faded at each boundary "
+        "(thresholds in `silence.*`).",
+    )
+
+
+class SilenceSettings(BaseModel):
+    """How `silence: source` finds silence in the speech track (pipeline/silence.py)."""
+
+    min_silence_s: float = Field(0.3, ge=0, le=10, description="Shorter silences keep generating (pauses between words).")
+    fade_frames: int = Field(4, ge=0, le=50, description="Frames of cross-fade from the generated mouth to the source's at each boundary.")
+    threshold_db: float = Field(-40.0, ge=-90, le=0, description="Speech: louder than the track's own level (95th percentile) plus this.")
+    hysteresis_db: float = Field(6.0, ge=0, le=30, description="Speech ends only this far below where it starts.")
+    floor_dbfs: float = Field(-60.0, ge=-120, le=0, description="Quieter than this is silence whatever the track's level.")
 
 
 class SmoothingSettings(BaseModel):
@@ -172,6 +189,7 @@ class Settings(BaseSettings):
     api_key: str | None = Field(None, description="When set, every route but the liveness probe needs header X-API-Key.")
     encode: EncodeSettings = EncodeSettings()
     lipsync: LipsyncDefaults = LipsyncDefaults()
+    silence: SilenceSettings = SilenceSettings()
     face: FaceSettings = FaceSettings()
     compile: CompileSettings = CompileSettings()
     jobs: JobSettings = JobSettings()

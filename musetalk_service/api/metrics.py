@@ -12,6 +12,8 @@ each test, has its own counters. Series (all prefixed `musetalk_`):
 - `phase_seconds_total{phase}`: the pipeline's own per-phase seconds of succeeded jobs (keys of
   `contract.PHASES`; `total` and unknown keys are not counted).
 - `frames_total`: output frames of succeeded jobs.
+- `frames_generated_total`, `frames_silent_total`: of those, the frames whose mouth was generated,
+  and the frames passed through as silent (`silence: source`), whose GPU work was saved.
 - `output_fps`: output frames per wall second of the last succeeded job (throughput, not the
   video's frame rate).
 - `avatar_cache_hits_total`, `avatar_cache_misses_total`: counted by whoever owns the cache.
@@ -98,6 +100,13 @@ class ServiceMetrics:
             "phase_seconds", "Seconds per pipeline phase, succeeded jobs.", ["phase"], namespace=ns, registry=r
         )
         self.frames = Counter("frames", "Output frames produced by succeeded jobs.", namespace=ns, registry=r)
+        self.frames_generated = Counter(
+            "frames_generated", "Output frames of succeeded jobs whose mouth was generated.", namespace=ns, registry=r
+        )
+        self.frames_silent = Counter(
+            "frames_silent", "Output frames of succeeded jobs passed through as silent (nothing generated).",
+            namespace=ns, registry=r,
+        )
         self.output_fps = Gauge(
             "output_fps", "Output frames per wall second of the last succeeded job.", namespace=ns, registry=r
         )
@@ -140,6 +149,8 @@ class ServiceMetrics:
         for phase, seconds in result.timings.items():
             if phase in PHASES and seconds > 0:
                 self.phase_seconds.labels(phase).inc(seconds)
+        self.frames_generated.inc(result.frames_generated)
+        self.frames_silent.inc(result.frames_silent)
         if result.frames > 0:
             self.frames.inc(result.frames)
             wall = result.timings.get("total") or run_s

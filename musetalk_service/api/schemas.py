@@ -95,6 +95,11 @@ class LipsyncBody(_PrepOptions):
         "removed when the job is forgotten (`jobs.keep_finished_s`).",
     )
     batch_size: _option("batch_size") = None
+    silence: _option(
+        "silence",
+        "Frames whose audio is silent: `generate` a mouth as for speech, or show the `source` video's frame as it "
+        "is (its resting mouth, no GPU work for it), cross-faded over a few frames at each boundary.",
+    ) = None
 
 
 class AvatarBody(_PrepOptions):
@@ -120,6 +125,10 @@ class LipsyncResponse(BaseModel):
     )
     fallbacks: int = Field(description="Frames whose fast blend failed and were recomputed the slow way.")
     frames_without_face: int = Field(description="Frames passed through unchanged: no face in their source frame.")
+    frames_generated: int = Field(0, description="Frames whose mouth was generated (UNet + VAE decode + blend).")
+    frames_silent: int = Field(
+        0, description="Frames passed through as silent (`silence: source`): the source frame as it is, nothing generated."
+    )
     avatar_id: str | None = Field(
         None, description="The prepared video this was made from: name it in later requests to skip preparation."
     )

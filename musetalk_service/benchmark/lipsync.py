@@ -6,7 +6,10 @@ size as options), loads the pipeline as `serve` does (timing start-to-ready), th
 - `cold`: a video the service has not seen: its avatar is prepared (face detection, VAE encode,
   parsing masks), then the lip-sync runs;
 - `warm`: the same video again with the same options: the cached avatar is reused;
-- `face_box`: a new preparation with the face box given (templated avatars skip detection).
+- `face_box`: a new preparation with the face box given (templated avatars skip detection);
+- `silence30`: the warm request (run it after `cold` or `warm`) with `silence: source` on a track
+  that is 30 % digital silence (`synth.speech_with_silences`): frames generated and silent, and
+  its fps over the `warm` run's (`speedup_vs_warm`), the GPU work the silence saves.
 
 With random weights S3FD's boxes are random too (the face phase's cost is real, its boxes are
 not), so `face_box` is the closest to a real new video's blend and crop sizes.
@@ -39,14 +42,16 @@ from pathlib import Path
 import torch
 
 from musetalk_service.media.ffmpeg import find_ffmpeg
-from musetalk_service.media.synth import write_speech_like_audio, write_talking_head_video
+from musetalk_service.media.synth import speech_with_silences, write_audio, write_speech_like_audio, write_talking_head_video
 from musetalk_service.contract import LipsyncRequest
 from musetalk_service.pipeline.runner import LipsyncPipeline
 from musetalk_service.settings import REPO_ROOT, Settings
 
 log = logging.getLogger(__name__)
 
-RUNS = ("cold", "warm", "face_box")
+RUNS = ("cold", "warm", "face_box", "silence30")
+SILENT_SHARE = 0.3
+"""Of the `silence30` run's track."""
 
 TARGET_FPS = {"cold": 150.0, "warm": 250.0}
 """Output frames per second the service aims at on one H100 at 1080p 25 fps (issue 4): a new
@@ -86,6 +91,11 @@ def run_lipsync_bench(
         work_dir / f"bench_{width}x{height}_{video_seconds:g}s.mp4", video_seconds, fps, size, ffmpeg=ffmpeg
     )
     audio = write_speech_like_audio(work_dir / f"bench_{seconds:g}s.wav", seconds, ffmpeg=ffmpeg)
+    silent_audio = (
+        write_audio(work_dir / f"bench_{seconds:g}s_silence30.wav", speech_with_silences(seconds, SILENT_SHARE), ffmpeg=ffmpeg)
+        if "silence30" in runs
+        else None
+    )
     input_s = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -111,10 +121,18 @@ def run_lipsync_bench(
     }
     base = LipsyncRequest.with_defaults(settings.lipsync, video_path=video, audio_path=audio, output_path=work_dir / "out.mp4")
     for name in runs:
-        request = replace(base, face_box=face_box) if name == "face_box" else base
+        if name == "face_box":
+            request = replace(base, face_box=face_box)
+        elif name == "silence30":
+            request = replace(base, audio_path=silent_audio, silence="source")
+        else:
+            request = base
         report["runs"][name] = run = _timed_run(pipeline, request)
         run["verdict"] = verdict(name, run)
         log.info("bench %s: %s", name, json.dumps(report["runs"][name]))
+    if "silence30" in report["runs"] and "warm" in report["runs"]:
+        silent, warm = report["runs"]["silence30"], report["runs"]["warm"]
+        silent["speedup_vs_warm"] = round(silent["output_fps"] / warm["output_fps"], 2) if warm["output_fps"] else None
     return report
 
 
@@ -136,6 +154,8 @@ def _timed_run(pipeline: LipsyncPipeline, request: LipsyncRequest) -> dict:
         "realtime_factor": round(result.duration_s / wall, 2),
         "phases_s": result.timings,
         "frames_without_face": result.frames_without_face,
+        "frames_generated": result.frames_generated,
+        "frames_silent": result.frames_silent,
         "avatar_id": result.avatar_id,
         "fallbacks": result.fallbacks,
         "gpu_memory_peak_gb": _gb(torch.cuda.max_memory_allocated(pipeline.models.device)) if cuda else None,
@@ -284,5 +304,9 @@ def render_table(report: dict) -> str:
             f"{run['host_rss_peak_gb']} GB process peak"
         )
         lines.append(f"          busy s: {phases}")
+        line = f"          frames generated {run['frames_generated']}, silent {run['frames_silent']}"
+        if "speedup_vs_warm" in run:
+            line += f"; {run['speedup_vs_warm']}x the warm run's fps"
+        lines.append(line)
         lines.append(f"          {describe_verdict(name, run)}")
     return "\n".join(lines)

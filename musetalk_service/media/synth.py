@@ -44,13 +44,15 @@ _FRAMES_PER_WRITE = 32
 _ASTRONAUT_FACE = (0.46, 0.28)  # where the face is in astronaut.png, kept in frame by crops
 
 
-def speech_like_samples(seconds: float, sample_rate: int = 16000, seed: int = 0) -> np.ndarray:
+def speech_like_samples(
+    seconds: float, sample_rate: int = 16000, seed: int = 0, pause_s: tuple[float, float] = (0.2, 0.6)
+) -> np.ndarray:
     """Voiced, vowel-like sound as float32 mono in [-1, 1].
 
     A glottal pulse train (its harmonics, falling 6 dB/octave, at a gliding pitch around 120 Hz)
     shaped by three formant resonances that change vowel every syllable; syllables of 0.12-0.3 s
-    with smooth onsets, grouped in phrases of 2-6 separated by 0.2-0.6 s pauses, so there is
-    loud voiced sound to open a mouth to and true silence between phrases.
+    with smooth onsets, grouped in phrases of 2-6 separated by pauses of `pause_s` (0.2-0.6 s),
+    so there is loud voiced sound to open a mouth to and true silence between phrases.
     """
     n = round(seconds * sample_rate)
     if n == 0:
@@ -69,7 +71,7 @@ def speech_like_samples(seconds: float, sample_rate: int = 16000, seed: int = 0)
             pos = end + round(rng.uniform(0.01, 0.05) * sample_rate)
             if pos >= n:
                 break
-        pos += round(rng.uniform(0.2, 0.6) * sample_rate)
+        pos += round(rng.uniform(*pause_s) * sample_rate)
 
     f0 = 120 + 12 * np.sin(2 * np.pi * 0.7 * t) + 6 * np.sin(2 * np.pi * 5.3 * t)
     phase = 2 * np.pi * np.cumsum(f0) / sample_rate
@@ -86,17 +88,38 @@ def speech_like_samples(seconds: float, sample_rate: int = 16000, seed: int = 0)
     return (signal * (0.6 / peak) if peak > 0 else signal).astype(np.float32)
 
 
-def write_speech_like_audio(
-    path: str | os.PathLike, seconds: float, sample_rate: int = 16000, ffmpeg: str | None = None, seed: int = 0
-) -> Path:
-    """Write `speech_like_samples` to `path`: 16-bit mono WAV for .wav (the stdlib `wave`
-    module), else transcoded by ffmpeg (.mp3 .m4a .ogg .opus .flac). `seconds` may be 0 (an
-    empty but valid WAV, for error tests)."""
+def speech_with_silences(
+    seconds: float, silent_share: float, sample_rate: int = 16000, seed: int = 0, gap_s: float = 1.5
+) -> np.ndarray:
+    """`seconds` of sentences of speech-like sound (`speech_like_samples` whose pauses are all
+    shorter than 0.3 s) separated by gaps of digital silence of about `gap_s`, the gaps making
+    `silent_share` of the whole (the pauses of a TTS track between sentences, its silent head and
+    tail): float32 mono. The track starts and ends with speech."""
+    if not 0 <= silent_share < 1:
+        raise ValueError(f"silent_share must be in [0, 1), got {silent_share}")
+    n = round(seconds * sample_rate)
+    gaps = round(silent_share * seconds / gap_s)
+    silent = round(silent_share * n)
+    speech = speech_like_samples((n - silent) / sample_rate, sample_rate, seed, pause_s=(0.05, 0.15))
+    if gaps == 0:
+        return speech
+    out = np.zeros(n, dtype=np.float32)
+    cuts = np.linspace(0, len(speech), gaps + 2).round().astype(int)  # gaps + 1 sentences
+    gap_edges = np.linspace(0, silent, gaps + 1).round().astype(int)
+    for k in range(gaps + 1):
+        start = cuts[k] + gap_edges[k]
+        out[start : start + cuts[k + 1] - cuts[k]] = speech[cuts[k] : cuts[k + 1]]
+    return out
+
+
+def write_audio(path: str | os.PathLike, samples: np.ndarray, sample_rate: int = 16000, ffmpeg: str | None = None) -> Path:
+    """Write float mono `samples` (full scale 1.0, clipped) to `path`: 16-bit mono WAV for .wav
+    (the stdlib `wave` module), else transcoded by ffmpeg (.mp3 .m4a .ogg .opus .flac)."""
     out = Path(path)
     ext = out.suffix.lower()
     if ext != ".wav" and ext not in _AUDIO_CODECS:
         raise ValueError(f"unsupported audio extension {ext!r}: use .wav or one of {sorted(_AUDIO_CODECS)}")
-    pcm = (np.clip(speech_like_samples(seconds, sample_rate, seed), -1, 1) * 32767).astype("<i2")
+    pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2")
     if ext == ".wav":
         with wave.open(str(out), "wb") as w:
             w.setnchannels(1)
@@ -108,6 +131,14 @@ def write_speech_like_audio(
     with FFmpegPipe(ffmpeg or find_ffmpeg(), args, stdin=True, what=f"writing {out}") as proc:
         proc.write(pcm)
     return out
+
+
+def write_speech_like_audio(
+    path: str | os.PathLike, seconds: float, sample_rate: int = 16000, ffmpeg: str | None = None, seed: int = 0
+) -> Path:
+    """Write `speech_like_samples` to `path` as `write_audio` does. `seconds` may be 0 (an
+    empty but valid WAV, for error tests)."""
+    return write_audio(path, speech_like_samples(seconds, sample_rate, seed), sample_rate, ffmpeg)
 
 
 @functools.lru_cache(maxsize=1)

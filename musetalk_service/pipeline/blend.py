@@ -298,6 +298,19 @@ def _paste_region(frame_shape: tuple[int, ...], box: FaceBox, mask: _CachedMask)
     return PasteRegion(r0, r1, c0, c1, scaled.values, (r0 - top, r1 - top, c0 - left, c1 - left))
 
 
+def check_weights(boxes: Sequence[FaceBox | None], weights: Sequence[float] | None) -> None:
+    """Raise ValueError unless `weights` (None: all 1) has one weight per frame, in (0, 1] for
+    every frame with a box: a compositor blends a frame's face with its alpha scaled by its weight,
+    and a frame of weight 0 is not generated (no face for it: box None)."""
+    if weights is None:
+        return
+    if len(weights) != len(boxes):
+        raise ValueError(f"{len(boxes)} frames but {len(weights)} weights")
+    bad = [k for k, (box, w) in enumerate(zip(boxes, weights)) if box is not None and not 0 < w <= 1]
+    if bad:
+        raise ValueError(f"frames {bad} have a box and a weight outside (0, 1]; a frame not generated has no box")
+
+
 class FaceBlender:
     """Per-request blender: pastes generated faces into frames with cached face-parsing masks.
 
@@ -353,6 +366,7 @@ class FaceBlender:
         faces: Sequence[np.ndarray],
         boxes: Sequence[FaceBox | None],
         source_indices: Sequence[int],
+        weights: Sequence[float] | None = None,
     ) -> Sequence[np.ndarray]:
         """Blend `faces` (`[256, 256, 3]` BGR uint8) into `frames` at `boxes`, in place.
 
@@ -360,18 +374,24 @@ class FaceBlender:
         source pixels (masks are parsed from it before it is written): pass a copy when the same
         source frame is output more than once. Returns `frames` itself (a `[B, H, W, 3]` batch
         array is blended in place too). Frames with box None are left untouched.
+        `weights`, one per frame (default all 1): how much of the generated face each frame with
+        a box shows, in (0, 1]: its alpha is scaled by it (a cross-fade to the source frame, see
+        `pipeline.silence`); weight 1 blends exactly as without weights. A frame that shows none
+        of it is one that is not generated: give it box None (`check_weights`).
         Missing masks of the batch are parsed in one batched BiSeNet pass. No frame is dropped:
         if the fast blend fails on a frame, that frame is redone with a fresh mask.
         """
         keys = self._keys(source_indices)
+        check_weights(boxes, weights)
         self._compute_missing(frames.__getitem__, boxes, keys)
-        for frame, face, box, key, index in zip(frames, faces, boxes, keys, source_indices):
+        for k, (frame, face, box, key, index) in enumerate(zip(frames, faces, boxes, keys, source_indices)):
             if box is None:
                 continue
+            weight = 1.0 if weights is None else float(weights[k])
             try:
-                self._paste(frame, face, box, self._cached(key))
+                self._paste(frame, face, box, self._cached(key), weight)
             except Exception as exc:  # noqa: BLE001 - any failure of the fast path gets the slow one
-                self._paste(frame, face, box, self._refresh_mask(frame, box, key, index, exc))
+                self._paste(frame, face, box, self._refresh_mask(frame, box, key, index, exc), weight)
         return frames
 
     def regions(
@@ -431,13 +451,15 @@ class FaceBlender:
         for key, mask in zip(todo, masks):
             self._masks[key] = _CachedMask.from_square(mask)
 
-    def _paste(self, frame: np.ndarray, face: np.ndarray, box: FaceBox, mask: _CachedMask) -> None:
+    def _paste(self, frame: np.ndarray, face: np.ndarray, box: FaceBox, mask: _CachedMask, weight: float = 1.0) -> None:
         # Outside the box the composite is the original frame whatever alpha is, so only the part
         # of the box where the mask is non-zero (its lower half plus the blur margin) is touched.
         region = _paste_region(frame.shape, box, mask)
         if region is None:
             return
         alpha = self._alpha(region)
+        if weight != 1:
+            alpha = alpha * np.float32(weight)  # a new array: the memoised alpha stays the mask's
         x1, y1, x2, y2 = box
         resized = cv2.resize(face, (x2 - x1, y2 - y1), interpolation=cv2.INTER_LINEAR)
         generated = resized[region.top - y1 : region.bottom - y1, region.left - x1 : region.right - x1]

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from musetalk_service.media.rawvideo import yuv420p_frame_bytes
-from musetalk_service.pipeline.blend import ALPHA_SCALE, FaceBlender, PasteRegion
+from musetalk_service.pipeline.blend import ALPHA_SCALE, FaceBlender, PasteRegion, check_weights
 from musetalk_service.pipeline.colour import bgr_to_yuv420p, yuv420p_planes, yuv420p_to_bgr
 from musetalk_service.pipeline.frames import DeviceFrame
 from musetalk_service.contract import FaceBox
@@ -98,6 +98,7 @@ class GpuComposer:
         *,
         ready: torch.cuda.Event | None = None,
         bgr: bool = False,
+        weights: Sequence[float] | None = None,
     ) -> ComposedBatch:
         """Compose a batch of BGR frames and return it as yuv420p (and as BGR with `bgr=True`).
 
@@ -108,10 +109,11 @@ class GpuComposer:
         as for `FaceBlender.blend_batch`; frames whose box is None pass through unchanged.
         `ready`: a CUDA event recorded after `faces` was produced; without one, a device tensor
         of faces is waited for by waiting for all work queued so far on the current stream.
+        `weights`: one per frame, each face's alpha scaled by its frame's, as for `FaceBlender.blend_batch`.
         """
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
             raise ValueError(f"expected uint8 frames [n, H, W, 3], got {frames.dtype} {list(frames.shape)}")
-        with_face = self._check_counts(len(frames), faces, boxes, source_indices)
+        with_face = self._check_counts(len(frames), faces, boxes, source_indices, weights)
         with self._on_stream(faces, ready):
             # Inside the stream too: a BiSeNet pass for new masks need not queue behind the UNet.
             regions = self.blender.regions(frames.shape[1:], boxes, source_indices, frames.__getitem__)
@@ -124,6 +126,8 @@ class GpuComposer:
             if pasted:
                 device_faces, alphas = self._upload_faces_and_alphas(faces, [regions[row] for _, row in pasted])
                 for (face, row), alpha in zip(pasted, alphas):
+                    if weights is not None and weights[row] != 1:
+                        alpha = alpha * float(np.float32(weights[row]))  # as the numpy blend scales it
                     region = regions[row]
                     original = on_device[row, region.top : region.bottom, region.left : region.right]
                     _blend_into(original, device_faces[face], boxes[row], region, alpha)
@@ -144,6 +148,7 @@ class GpuComposer:
         *,
         ready: torch.cuda.Event | None = None,
         frame_at: Callable[[int], np.ndarray | DeviceFrame] | None = None,
+        weights: Sequence[float] | None = None,
     ) -> np.ndarray:
         """Blend the generated faces into yuv420p frames in place, and return `frames`.
 
@@ -156,13 +161,14 @@ class GpuComposer:
         a level. `faces` ... `ready`: as for `compose`. `frame_at(k)`: frame k in BGR, where a
         parsing mask must be made from it (as for `FaceBlender.regions`); by default converted
         from its planes on the CPU, which suits the rare frame but not a new video's every mask.
+        `weights`: as for `compose`. A frame with no box (no face, or not generated) is not touched.
         """
         if frames.dtype != np.uint8 or frames.ndim != 2 or frames.shape[1] != yuv420p_frame_bytes(width, height):
             raise ValueError(
                 f"expected uint8 yuv420p frames [n, {yuv420p_frame_bytes(width, height)}] for {width}x{height}, "
                 f"got {frames.dtype} {list(frames.shape)}"
             )
-        with_face = self._check_counts(len(frames), faces, boxes, source_indices)
+        with_face = self._check_counts(len(frames), faces, boxes, source_indices, weights)
 
         def converted(k: int) -> np.ndarray:
             planes = (torch.from_numpy(p) for p in yuv420p_planes(frames[k], width, height))
@@ -187,7 +193,8 @@ class GpuComposer:
                 host.masks[k, r : r + h, c : c + w].numpy()[...] = tile.region.mask
             device = _TileBatch(host.buffer.to(self.device, non_blocking=True), len(tiles), rows, cols)
             device_faces = torch.as_tensor(faces).to(self.device, non_blocking=True)
-            _blend_tiles(device, tiles, device_faces, boxes)
+            tile_weights = None if weights is None else [float(np.float32(weights[t.row])) for t in tiles]
+            _blend_tiles(device, tiles, device_faces, boxes, tile_weights)
             if device.buffer is not host.buffer:  # on CPU the same buffer
                 host.planes_bytes().copy_(device.planes_bytes(), non_blocking=True)
         for k, tile in enumerate(tiles):  # the stream is synchronised: the tiles are back in `host`
@@ -196,10 +203,11 @@ class GpuComposer:
         return frames
 
     @staticmethod
-    def _check_counts(n: int, faces, boxes: Sequence[FaceBox | None], source_indices: Sequence[int]) -> list[int]:
-        """The rows with a face; raises ValueError when the counts disagree."""
+    def _check_counts(n: int, faces, boxes: Sequence[FaceBox | None], source_indices: Sequence[int], weights: Sequence[float] | None) -> list[int]:
+        """The rows with a face; raises ValueError when the counts (or the weights) disagree."""
         if not n == len(boxes) == len(source_indices):
             raise ValueError(f"{n} frames, {len(boxes)} boxes, {len(source_indices)} source indices")
+        check_weights(boxes, weights)
         with_face = [k for k, box in enumerate(boxes) if box is not None]
         if len(with_face) != (0 if faces is None else len(faces)):
             raise ValueError(f"{len(with_face)} boxes but {0 if faces is None else len(faces)} faces")
@@ -308,8 +316,9 @@ class _TileBatch:
         return [self.y[k, :h, :w], self.u[k, :ch, :cw], self.v[k, :ch, :cw]]
 
 
-def _blend_tiles(batch: _TileBatch, tiles: list[_Tile], faces: torch.Tensor, boxes: Sequence[FaceBox | None]) -> None:
-    """Blend each tile's face into its planes in `batch`, in place (see `GpuComposer.compose_yuv`).
+def _blend_tiles(batch: _TileBatch, tiles: list[_Tile], faces: torch.Tensor, boxes: Sequence[FaceBox | None], weights: list[float] | None) -> None:
+    """Blend each tile's face into its planes in `batch`, in place (see `GpuComposer.compose_yuv`),
+    its alpha scaled by its weight in `weights` (None: all 1).
 
     The faces are resized with `grid_sample` rather than `F.interpolate`, one size for the whole
     batch: a sampling grid per tile puts each tile pixel where interpolate would (half-pixel
@@ -328,6 +337,8 @@ def _blend_tiles(batch: _TileBatch, tiles: list[_Tile], faces: torch.Tensor, box
     chosen = faces[[t.face for t in tiles]].permute(0, 3, 1, 2).float()
     generated = F.grid_sample(chosen, grid, mode="bilinear", padding_mode="border", align_corners=False)
     alpha = batch.masks.float().mul_(float(ALPHA_SCALE))[..., None]
+    if weights is not None and any(w != 1 for w in weights):
+        alpha.mul_(torch.tensor(weights, dtype=torch.float32).to(device, non_blocking=True).view(n, 1, 1, 1))
     blended = _blended_levels(generated.permute(0, 2, 3, 1), bgr, alpha).to(torch.uint8)
     for k, tile in enumerate(tiles):
         # An odd side (at an odd frame's edge): its 2x2 blocks repeat the last row/column, as

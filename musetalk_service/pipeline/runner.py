@@ -42,7 +42,8 @@ from musetalk_service.pipeline.compose import GpuComposer
 from musetalk_service.pipeline.frames import DeviceFrames, DeviceFrameUploader
 from musetalk_service.pipeline.generate import generate_faces, generate_faces_tensor
 from musetalk_service.pipeline.prepare import AvatarBuilder
-from musetalk_service.contract import LipsyncRequest, LipsyncResult
+from musetalk_service.contract import FaceBox, LipsyncRequest, LipsyncResult
+from musetalk_service.pipeline.silence import SilencePlan, SilenceRule
 from musetalk_service.pipeline.source import SourceFrames
 from musetalk_service.pipeline.stages import Consume, Prefetch
 from musetalk_service.pipeline.timing import PhaseTimer
@@ -147,12 +148,15 @@ class LipsyncPipeline:
         total = audio.frame_count
         if total == 0:
             raise BadAudio(f"{request.audio_path}: audio is shorter than one video frame ({len(samples) / 16000:.3f} s)")
+        # Which frames get a generated mouth, by weight (1 generated, 0 the source frame as it is).
+        silence = self._silence_plan(request, samples, fps, total)
 
         # 3. The video's avatar (boxes, latents, masks per source frame): from the cache, else
         #    built in this pass, each batch prepared just before it is generated.
+        #    A track silent throughout needs no avatar: its output is the source video.
         options, key = self._avatar_key(request, fps)
         avatar = self.avatars.get(key) if self.avatars is not None else None
-        builder = None if avatar is not None else AvatarBuilder(self.models, request, self.settings.face, fps)
+        builder = None if avatar is not None or not silence.generates else AvatarBuilder(self.models, request, self.settings.face, fps)
 
         # 4. Per batch of output frames, overlapping stages (pipeline/stages.py): read in the
         #    decoder thread -> (new video) face phase in the face thread -> crops + VAE encode,
@@ -180,7 +184,7 @@ class LipsyncPipeline:
         composer = GpuComposer(blender, self.models.device) if on_device else None
         generate = generate_faces_tensor if composer is not None else generate_faces
         cached_latents = avatar.latents.to(self.models.device, self.models.dtype) if avatar else None
-        boxes = avatar.boxes if avatar else builder.boxes
+        boxes = avatar.boxes if avatar else builder.boxes if builder else None
         silent_video = work_dir / "video.mp4"
         encoder = self._video_encoder(silent_video, video, fps, "yuv420p" if composer is not None else "bgr24", work_dir)
 
@@ -206,26 +210,34 @@ class LipsyncPipeline:
                 yield indices, sources, frames, bgr, located
 
         def compose_and_encode(item) -> None:
-            indices, sources, frames, bgr, rows, faces, ready = item
+            indices, sources, frames, bgr, rows, faces, ready, weights = item
+            # The frames generated keep their boxes; the others (no face, or silent) have none.
+            made = set(rows)
+            generated = [boxes[j] if k in made else None for k, j in enumerate(sources)]
+            if builder is not None:
+                self._prepare_silent_masks(blender, bgr, [boxes[j] for j in sources], generated, sources, timer)
             if yuv_frames:
                 with timer.phase("blend"):
                     out = composer.compose_yuv(
-                        frames, video.width, video.height, faces, [boxes[j] for j in sources], sources,
-                        ready=ready, frame_at=None if bgr is None else bgr.__getitem__,
+                        frames, video.width, video.height, faces, generated, sources,
+                        ready=ready, frame_at=None if bgr is None else bgr.__getitem__, weights=weights,
                     )  # fmt: skip
             elif composer is not None:
                 with timer.phase("blend"):
-                    out = composer.compose(frames, faces, [boxes[j] for j in sources], sources, ready=ready).yuv
+                    out = composer.compose(frames, faces, generated, sources, ready=ready, weights=weights).yuv
             else:
                 out = frames
                 if rows:
                     with timer.phase("blend"):
-                        blender.blend_batch([frames[k] for k in rows], faces, [boxes[sources[k]] for k in rows], [sources[k] for k in rows])
+                        blender.blend_batch(
+                            [frames[k] for k in rows], faces, [generated[k] for k in rows], [sources[k] for k in rows],
+                            weights=[weights[k] for k in rows],
+                        )  # fmt: skip
             with timer.phase("encode"):
                 encoder.write(out)
             progress("frames", indices[-1] + 1, total)
 
-        no_face_frames = 0
+        no_face_frames = generated_frames = 0
         try:
             with encoder:
                 # One batch queued between stages when the face phase is one of them: a batch
@@ -245,8 +257,11 @@ class LipsyncPipeline:
                                 builder.encode(located)
                         if builder is not None and source.frame_count is not None and not builder.has_face:
                             raise NoFace(f"{request.video_path}: no face found in any of the {builder.located} frames tried")
-                        rows = [k for k, j in enumerate(sources) if boxes[j] is not None]
-                        no_face_frames += len(indices) - len(rows)
+                        weights = silence.weights[indices]
+                        speaking = [k for k in range(len(indices)) if weights[k] > 0]  # the others pass through as silent
+                        rows = [k for k in speaking if boxes[sources[k]] is not None]
+                        no_face_frames += len(speaking) - len(rows)
+                        generated_frames += len(rows)
                         faces = ready = None
                         if rows:
                             with timer.phase("unet", gpu=composer is None):
@@ -259,7 +274,7 @@ class LipsyncPipeline:
                                     ready = torch.cuda.Event()
                                     ready.record()
                                     ready.synchronize()
-                        writer.put((indices, sources, frames, bgr, rows, faces, ready))
+                        writer.put((indices, sources, frames, bgr, rows, faces, ready, weights))
                     writer.finish()
                 except BaseException:
                     writer.abort()
@@ -292,8 +307,29 @@ class LipsyncPipeline:
             timings=timer.as_dict(),
             fallbacks=blender.fallbacks,
             frames_without_face=no_face_frames,
-            avatar_id=avatar.key,
+            frames_generated=generated_frames,
+            frames_silent=silence.silent_frames,
+            avatar_id=avatar.key if avatar is not None else None,
         )
+
+    def _silence_plan(self, request: LipsyncRequest, samples: np.ndarray, fps: Fraction, total: int) -> SilencePlan:
+        """The output's frames by weight: all generated, or (`silence: source`) silence passed through."""
+        if request.silence == "generate":
+            return SilencePlan.generate_all(total)
+        config = self.settings.silence
+        rule = SilenceRule(config.threshold_db, config.hysteresis_db, config.floor_dbfs, config.min_silence_s)
+        return SilencePlan.from_samples(samples, 16000, fps, total, rule, config.fade_frames)
+
+    def _prepare_silent_masks(
+        self, blender: FaceBlender, bgr: np.ndarray | DeviceFrames, boxes: list[FaceBox | None], generated: list[FaceBox | None],
+        sources: list[int], timer: PhaseTimer,
+    ) -> None:  # fmt: skip
+        """A new video's masks of the frames with a face that are not generated (silent), so its
+        avatar is whole: a later request on it may generate them."""
+        silent = [k for k, (box, made) in enumerate(zip(boxes, generated)) if box is not None and made is None]
+        if silent:
+            with timer.phase("blend"):
+                blender.prepare_masks([bgr[k] for k in silent], [boxes[k] for k in silent], [sources[k] for k in silent])
 
     def _finish_avatar(self, builder: AvatarBuilder, source: SourceFrames, upload: DeviceFrameUploader | None, blender: FaceBlender, request: LipsyncRequest, video: VideoInfo, key: str, options: dict, timer: PhaseTimer, cancel: threading.Event | None) -> Avatar:
         """Prepare the frames the output did not reach (the audio was shorter), then the avatar."""

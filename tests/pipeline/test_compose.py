@@ -348,3 +348,41 @@ def test_cuda_composes_yuv_as_the_cpu_does():
     cpu = _composer().compose_yuv(yuv.copy(), W, H, faces, BOXES, SOURCES)
     gpu = _composer("cuda").compose_yuv(yuv.copy(), W, H, torch.from_numpy(faces).cuda(), BOXES, SOURCES)
     assert np.abs(gpu.astype(int) - cpu).max() <= 1
+
+
+# --- weights (`silence: source`'s cross-fades, pipeline/silence.py) ---------------------------------
+
+FADE = [1.0, 0.8, 0.6, 0.4, 0.2, 0.0]
+"""One frame's weights down a fade; the last frame is silent, not generated: it has no box."""
+
+
+def _faded(composer: GpuComposer, yuv: bool, weights) -> tuple[np.ndarray, np.ndarray]:
+    """The source frames (one frame, repeated) and their composite with `FADE`'s boxes and `weights`."""
+    frames = np.repeat(_frames(1, W, H), len(FADE), axis=0)
+    boxes = [BOXES[0] if w > 0 else None for w in FADE]
+    faces, sources = _noise(len(FADE) - 1), [0] * len(FADE)
+    if yuv:
+        given = bgr_to_yuv420p(torch.from_numpy(frames)).numpy()
+        return given, composer.compose_yuv(given.copy(), W, H, faces, boxes, sources, weights=weights)
+    return frames, composer.compose(frames, faces, boxes, sources, bgr=True, weights=weights).bgr
+
+
+@pytest.mark.parametrize("yuv", [False, True], ids=["compose", "compose_yuv"])
+def test_weights_fade_the_face_monotonically_to_the_source_and_weight_1_is_no_weights(yuv):
+    composer = _composer()
+    source, unweighted = _faded(composer, yuv, None)
+    _, ones = _faded(composer, yuv, [1.0] * 5 + [0.0])
+    assert np.array_equal(ones, unweighted)  # weight 1 blends bit for bit as without weights
+    _, faded = _faded(composer, yuv, FADE)
+    assert np.array_equal(faded[0], unweighted[0])
+    distance = [float(np.abs(f.astype(int) - source[k]).mean()) for k, f in enumerate(faded)]
+    assert all(a > b for a, b in zip(distance, distance[1:])), distance
+    assert distance[-1] == 0  # weight 0: the source frame as it is
+
+
+def test_a_frame_with_a_box_and_weight_0_is_refused():
+    frames, faces = _frames(2, W, H), _noise(2)
+    with pytest.raises(ValueError, match="weight outside"):
+        _composer().compose(frames, faces, BOXES[:2], [0, 1], weights=[1.0, 0.0])
+    with pytest.raises(ValueError, match="2 frames but 1 weights"):
+        _composer().compose(frames, faces, BOXES[:2], [0, 1], weights=[1.0])
