@@ -51,6 +51,8 @@ async def json_body(http: Request, model: type[pydantic.BaseModel]) -> Any:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise InvalidOption(f"the body is not valid JSON: {e}", code="invalid_request") from None
+    except RecursionError:
+        raise InvalidOption("the body: JSON nested too deeply", code="invalid_request") from None
     if not isinstance(data, dict):
         raise InvalidOption(
             "the body must be a JSON object (Content-Type: application/json), or multipart/form-data with files",
@@ -77,6 +79,8 @@ def body_from_form(
             options = json.loads(form.fields["options"])
         except ValueError as e:
             raise InvalidOption(f"options: not valid JSON: {e}") from None
+        except RecursionError:
+            raise InvalidOption("options: JSON nested too deeply", code="invalid_request") from None
         if not isinstance(options, dict):
             raise InvalidOption("options: must be a JSON object")
         data.update(options)
@@ -90,6 +94,8 @@ def body_from_form(
             data[name] = json.loads(value)
         except ValueError:
             data[name] = value
+        except RecursionError:
+            raise InvalidOption(f"{name}: JSON nested too deeply", code="invalid_request") from None
     uploaded = set()
     for part, path_field in file_paths.items():
         if part in form.files:
