@@ -97,8 +97,9 @@ def _run(args: argparse.Namespace) -> int:
     if settings is None:
         return EXIT_CANNOT_START
     from musetalk_service.api.errors import describe_validation_errors
-    from musetalk_service.api.requests import prepare_request
+    from musetalk_service.api.requests import check_face_box, prepare_request
     from musetalk_service.api.schemas import LipsyncBody
+    from musetalk_service.media.probe import probe_video
     from musetalk_service.pipeline.runner import LipsyncPipeline
 
     fields = {name: getattr(args, name) for name in LipsyncDefaults.model_fields}
@@ -108,6 +109,8 @@ def _run(args: argparse.Namespace) -> int:
             face_box=args.face_box, fps=args.fps, **fields,
         )
         request = prepare_request(body, settings)
+        if request.face_box is not None:  # checked before the models load
+            check_face_box(request, probe_video(request.video_path))
         pipeline = LipsyncPipeline.load(settings)
         _lipsync(pipeline, request)
     except pydantic.ValidationError as e:

@@ -125,6 +125,16 @@ def test_run_with_a_bad_fps_stops_at_the_command_line(fps, reason, tmp_path):
     assert "Traceback" not in done.stderr
 
 
+def test_run_with_a_face_box_outside_the_frame_stops_before_loading(tiny_models_dir, talking_head_video, speech_wav, capsys):
+    code = main([
+        "run", "--video", str(talking_head_video), "--audio", str(speech_wav), "--face-box", "0", "0", "5000", "5000",
+        "--models", str(tiny_models_dir),
+    ])
+
+    assert code == 1
+    assert "[invalid_option] face_box: [0, 0, 5000, 5000] reaches outside" in capsys.readouterr().err
+
+
 def test_demo_without_weights_uses_tiny_random_ones_and_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     empty = tmp_path / "models"
