@@ -14,12 +14,14 @@ import sys
 import tempfile
 import typing
 from collections.abc import Callable, Sequence
+from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pydantic
 
 from musetalk_service.errors import ServiceError, WeightsError
+from musetalk_service.pipeline.request import parse_fps
 from musetalk_service.settings import LipsyncDefaults, Settings, load_settings
 
 if TYPE_CHECKING:
@@ -95,8 +97,9 @@ def _run(args: argparse.Namespace) -> int:
     if settings is None:
         return EXIT_CANNOT_START
     from musetalk_service.api.errors import describe_validation_errors
-    from musetalk_service.api.requests import prepare_request
+    from musetalk_service.api.requests import check_face_box, prepare_request
     from musetalk_service.api.schemas import LipsyncBody
+    from musetalk_service.media.probe import probe_video
     from musetalk_service.pipeline.runner import LipsyncPipeline
 
     fields = {name: getattr(args, name) for name in LipsyncDefaults.model_fields}
@@ -106,6 +109,8 @@ def _run(args: argparse.Namespace) -> int:
             face_box=args.face_box, fps=args.fps, **fields,
         )
         request = prepare_request(body, settings)
+        if request.face_box is not None:  # checked before the models load
+            check_face_box(request, probe_video(request.video_path))
         pipeline = LipsyncPipeline.load(settings)
         _lipsync(pipeline, request)
     except pydantic.ValidationError as e:
@@ -372,7 +377,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--audio", required=True, help="speech track")
     run.add_argument("--output", help="output MP4 (default: output_dir/<video>_<audio>_<id>.mp4)")
     run.add_argument("--face-box", type=int, nargs=4, metavar=("X1", "Y1", "X2", "Y2"), help="skip detection: this box on every frame")
-    run.add_argument("--fps", type=float, help="output frame rate (default: the video's)")
+    run.add_argument("--fps", type=_fps_flag, help="output frame rate, 1 to 120: 25, 29.97 or 30000/1001 (default: the video's)")
     _option_flags(run)
     settings_flags(run)
 
@@ -409,6 +414,18 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", help="output MP4 (default: output_dir/demo.mp4)")
     demo.add_argument("--seconds", type=float, default=3.0, help="length of the clip (default: 3)")
     return parser
+
+
+def _fps_flag(text: str) -> Fraction:
+    """`--fps` as the API reads `fps`: a decimal number is snapped, a rate string kept exactly (argparse: exit 2)."""
+    try:
+        value: float | str = float(text) if "/" not in text else text
+    except ValueError:
+        value = text  # parse_fps names what a rate string must look like
+    try:
+        return parse_fps(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r}: {e}") from None
 
 
 def _option_flags(sub: argparse.ArgumentParser) -> None:

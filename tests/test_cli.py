@@ -105,6 +105,36 @@ def test_run_with_a_bad_option_value_says_which(tiny_models_dir, talking_head_vi
     assert "batch_size: Input should be greater than or equal to 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("fps", "reason"), [
+    ("0.0001", "must be between 1 and 120"),
+    ("1e308", "must be between 1 and 120"),
+    ("nan", "must be between 1 and 120"),
+    ("25/0", "denominator must not be 0"),
+    ("fast", "must be a number or a rate string"),
+])
+def test_run_with_a_bad_fps_stops_at_the_command_line(fps, reason, tmp_path):
+    # The console script, as a user runs it: argparse's one-line error and exit 2, before any model loads.
+    done = subprocess.run(
+        [str(CONSOLE_SCRIPT), "run", "--video", str(tmp_path / "v.mp4"), "--audio", str(tmp_path / "a.wav"), "--fps", fps],
+        capture_output=True, text=True, timeout=120,
+    )
+
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("musetalk-service run: error: argument --fps:") and reason in last, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_run_with_a_face_box_outside_the_frame_stops_before_loading(tiny_models_dir, talking_head_video, speech_wav, capsys):
+    code = main([
+        "run", "--video", str(talking_head_video), "--audio", str(speech_wav), "--face-box", "0", "0", "5000", "5000",
+        "--models", str(tiny_models_dir),
+    ])
+
+    assert code == 1
+    assert "[invalid_option] face_box: [0, 0, 5000, 5000] reaches outside" in capsys.readouterr().err
+
+
 def test_demo_without_weights_uses_tiny_random_ones_and_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     empty = tmp_path / "models"

@@ -51,6 +51,8 @@ async def json_body(http: Request, model: type[pydantic.BaseModel]) -> Any:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise InvalidOption(f"the body is not valid JSON: {e}", code="invalid_request") from None
+    except RecursionError:
+        raise InvalidOption("the body: JSON nested too deeply", code="invalid_request") from None
     if not isinstance(data, dict):
         raise InvalidOption(
             "the body must be a JSON object (Content-Type: application/json), or multipart/form-data with files",
@@ -77,6 +79,8 @@ def body_from_form(
             options = json.loads(form.fields["options"])
         except ValueError as e:
             raise InvalidOption(f"options: not valid JSON: {e}") from None
+        except RecursionError:
+            raise InvalidOption("options: JSON nested too deeply", code="invalid_request") from None
         if not isinstance(options, dict):
             raise InvalidOption("options: must be a JSON object")
         data.update(options)
@@ -90,6 +94,8 @@ def body_from_form(
             data[name] = json.loads(value)
         except ValueError:
             data[name] = value
+        except RecursionError:
+            raise InvalidOption(f"{name}: JSON nested too deeply", code="invalid_request") from None
     uploaded = set()
     for part, path_field in file_paths.items():
         if part in form.files:
@@ -118,6 +124,7 @@ def checked_avatar_request(service: Service, body: AvatarBody, uploaded: frozens
     request = _request(service.settings, video=video, audio=Path(), output=Path(), options=options)
     info = probe_video(video)
     _check_video(info, service.settings.limits, None if request.face_box else service.settings.face.detect_max_side)
+    check_face_box(request, info)
     return request
 
 
@@ -207,12 +214,7 @@ def check_limits(request: LipsyncRequest, settings: Settings, avatar: dict | Non
         video = probe_video(request.video_path)
         _check_video(video, limits, None if request.face_box else settings.face.detect_max_side)
         fps = request.fps or float(video.fps)
-        box = request.face_box
-        if box is not None and (box[2] > video.width or box[3] > video.height):
-            raise InvalidOption(
-                f"face_box: {list(box)} reaches outside the {video.width}x{video.height} frame "
-                "(x2 <= width, y2 <= height, in displayed pixels)"
-            )
+        check_face_box(request, video)
     audio = probe_audio(request.audio_path)
     if audio.duration_s > limits.max_audio_seconds:
         raise LimitExceeded(
@@ -226,6 +228,16 @@ def check_limits(request: LipsyncRequest, settings: Settings, avatar: dict | Non
             f"the output would have {frames} frames ({audio.duration_s:.1f} s at {float(fps):g} fps), over the "
             f"limit of {limits.max_frames} (limits.max_frames); send shorter audio or a lower fps",
             code="too_many_frames",
+        )
+
+
+def check_face_box(request: LipsyncRequest, video: Any) -> None:
+    """The request's face box (if any) lies inside the probed video's frame (400 `invalid_option`)."""
+    box = request.face_box
+    if box is not None and (box[2] > video.width or box[3] > video.height):
+        raise InvalidOption(
+            f"face_box: {list(box)} reaches outside the {video.width}x{video.height} frame "
+            "(x2 <= width, y2 <= height, in displayed pixels)"
         )
 
 

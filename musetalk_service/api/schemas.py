@@ -12,6 +12,10 @@ from musetalk_service.media.rates import MAX_FPS, MIN_FPS, parse_fps
 from musetalk_service.settings import LipsyncDefaults
 
 
+MIN_BOX_SIDE = 2
+"""The smallest longer side a `face_box` may have (the blend square around it needs a half-side of 1 px)."""
+
+
 def _option(name: str, description: str | None = None) -> Any:
     """An optional per-request option with the type and range of `LipsyncDefaults.<name>`.
 
@@ -67,6 +71,12 @@ class _PrepOptions(BaseModel):
     def _box_has_area(cls, box: tuple[int, int, int, int] | None) -> tuple[int, int, int, int] | None:
         if box is not None and (box[2] <= box[0] or box[3] <= box[1]):
             raise PydanticCustomError("empty_box", "needs x2 > x1 and y2 > y1, got {box}", {"box": list(box)})
+        if box is not None and max(box[2] - box[0], box[3] - box[1]) < MIN_BOX_SIDE:
+            # The blend square's half-side is max(w, h) // 2: a 1-px box gives 0 and fails only after the models ran.
+            raise PydanticCustomError(
+                "box_too_small", "is {box}: its longer side must be at least {side} px, e.g. [x1, y1, x1 + 2, y1 + 2]",
+                {"box": list(box), "side": MIN_BOX_SIDE},
+            )
         return box
 
 

@@ -88,12 +88,14 @@ def test_bad_avatar_requests(serve, short_audio, body, status, code, named):
     assert_error(response, status, code, *named)
 
 
-def test_avatar_of_a_bad_video_is_its_4xx(serve, short_audio, tmp_path):
+def test_avatar_of_a_bad_video_is_its_4xx(serve, short_audio, small_video, tmp_path):
     with serve() as client:
         missing = client.post("/avatars", json={"video_path": str(tmp_path / "nope.mp4")})
         audio = client.post("/avatars", json={"video_path": str(short_audio)})
+        outside = client.post("/avatars", json={"video_path": str(small_video), "face_box": [100, 100, 200, 200]})
         unknown = client.delete("/avatars/" + "f" * 32)
 
     assert_error(missing, 400, "file_not_found", "video_path")
     assert_error(audio, 422, "no_video_stream")
+    assert_error(outside, 400, "invalid_option", "face_box", "[100, 100, 200, 200]", "128x128")
     assert_error(unknown, 404, "avatar_not_found")

@@ -118,3 +118,11 @@ def test_limits_are_422_naming_the_limit_before_any_gpu_work(serve, tiny_pipelin
 
     assert_error(response, 422, code, *named)
     assert pipeline.runs == 0
+
+
+@pytest.mark.parametrize("field", ["options", "face_box"])
+def test_deeply_nested_json_in_a_form_field_is_400_naming_it(serve, small_video, short_audio, field):
+    # json.loads raises RecursionError at this depth: a 400 naming the part, not a 500.
+    with serve() as client:
+        response = upload(client, "/jobs", small_video, short_audio, **{field: "[" * 60_000})
+        assert_error(response, 400, "invalid_request", field, "nested too deeply")

@@ -154,6 +154,7 @@ def test_unwritable_output_dir_is_refused(client, talking_head_video, speech_wav
         ({"face_box": [100, 10, 50, 90]}, ("face_box", "x2 > x1")),
         ({"face_box": [-1, 10, 50, 90]}, ("face_box[0]", "greater than or equal to 0")),
         ({"face_box": [1, 2, 3]}, ("face_box", "Field required")),
+        ({"face_box": [10, 10, 11, 11]}, ("face_box", "[10, 10, 11, 11]", "at least 2 px")),
         ({"fps": 0}, ("fps", "between 1 and 120")),
         ({"fps": 0.0001}, ("fps", "between 1 and 120")),
         ({"mask_every": "often"}, ("mask_every", "integer")),
@@ -176,6 +177,8 @@ def test_missing_required_field_is_400_invalid_option(client, speech_wav, talkin
     [
         (b'{"video_path": "a.mp4", ', "not valid JSON"),
         (b'["a.mp4", "b.wav"]', "JSON object"),
+        (b"[" * 60_000, "nested too deeply"),
+        (b'{"face_box": ' + b"[" * 60_000, "nested too deeply"),
     ],
 )
 def test_malformed_body_is_400_invalid_request(client, content, named):
@@ -264,3 +267,10 @@ def test_openapi_documents_every_route_and_both_body_kinds(client):
         ref = content["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
         assert "audio_path" in spec["components"]["schemas"][ref]["properties"] or path == "/avatars"
         assert "video_path" in spec["components"]["schemas"][ref]["properties"]
+
+
+def test_the_smallest_face_box_allowed_runs_to_the_end(client, talking_head_video, make_audio):
+    # The bound the schema enforces is the real one: a box whose longer side is 2 px blends without error.
+    response = post(client, video_path=str(talking_head_video), audio_path=str(make_audio(0.08)), face_box=[60, 60, 62, 61])
+
+    assert response.status_code == 200, response.text
