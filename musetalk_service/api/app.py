@@ -14,11 +14,13 @@ from typing import Any
 import anyio.to_thread
 import uvicorn
 from fastapi import FastAPI
+from fastapi.security import APIKeyHeader
 
 import musetalk_service
 from musetalk_service.api.errors import install_error_handlers
 from musetalk_service.api.middleware import ApiKeyMiddleware, MetricsMiddleware
 from musetalk_service.api.routes import ROUTERS
+from musetalk_service.api.routes.common import body_schema
 from musetalk_service.api.schemas import AvatarBody, LipsyncBody
 from musetalk_service.api.service import Service
 from musetalk_service.settings import Settings
@@ -56,32 +58,49 @@ def create_app(
     app.state.settings = settings
     install_error_handlers(app)
     if settings.api_key:
-        app.add_middleware(ApiKeyMiddleware, key=settings.api_key, open_paths=("/health",))
+        app.add_middleware(ApiKeyMiddleware, key=settings.api_key, open_paths=OPEN_PATHS)
     # Outermost: it also counts the 401s and the 500s answered by the middleware inside it.
     api_routes = [route for router in ROUTERS for route in router.routes]
     app.add_middleware(MetricsMiddleware, metrics=lambda: service.metrics, routes=lambda: [*api_routes, *app.router.routes])
     for router in ROUTERS:
         app.include_router(router)
-    _document_bodies(app)
+    _document(app, open_paths=OPEN_PATHS if settings.api_key else None)
     return app
 
 
-def _document_bodies(app: FastAPI) -> None:
-    """The routes read their bodies themselves (JSON or multipart): add the body schemas that
-    their OpenAPI `requestBody` refers to."""
+OPEN_PATHS = ("/health",)
+"""The routes that need no API key, even when one is set."""
+
+
+def _document(app: FastAPI, open_paths: tuple[str, ...] | None) -> None:
+    """What FastAPI can't see in the OpenAPI document: the routes read their bodies themselves
+    (JSON or multipart): add the body schemas their `requestBody` refers to; and the API key the
+    middleware checks (`open_paths` None: no key is configured) as the `X-API-Key` scheme."""
     default = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = default()
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components = schema.setdefault("components", {})
             for model in (LipsyncBody, AvatarBody):
-                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
-                components.update(body.pop("$defs", {}))
-                components[model.__name__] = body
+                body = body_schema(model)
+                components.setdefault("schemas", {}).update(body.pop("$defs", {}))
+                components["schemas"][model.__name__] = body
+            if open_paths is not None:
+                components["securitySchemes"] = {"ApiKey": _API_KEY.model.model_dump(mode="json", by_alias=True, exclude_none=True)}
+                for path, operations in schema["paths"].items():
+                    if path not in open_paths:
+                        for operation in operations.values():
+                            operation["security"] = [{"ApiKey": []}]
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+_API_KEY = APIKeyHeader(
+    name="X-API-Key", auto_error=False, description="The configured `api_key` (unset: no key is needed); 401 `unauthorized` otherwise."
+)
+"""Documentation only: `ApiKeyMiddleware` checks the key, with the service's own error body."""
 
 
 class ServiceServer(uvicorn.Server):

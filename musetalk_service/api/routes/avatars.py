@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from musetalk_service.api.requests import checked_avatar_request, find_avatar
-from musetalk_service.api.routes.common import SUBMIT_ERRORS, body_doc, error_docs, get_service, raise_failure, read_body, wait_for
+from musetalk_service.api.routes.common import AVATAR_FILES, SUBMIT_ERRORS, body_doc, error_docs, get_service, raise_failure, read_body, wait_for
 from musetalk_service.api.schemas import AvatarBody, AvatarList, AvatarResponse
 from musetalk_service.api.service import AvatarTask, JobFiles, avatar_summary
 
@@ -18,7 +18,7 @@ router = APIRouter()
 
 @router.post(
     "/avatars", status_code=201, response_model=AvatarResponse, responses={**SUBMIT_ERRORS, **error_docs(499, 504, 507)},
-    openapi_extra=body_doc(AvatarBody, "`video`"),
+    openapi_extra=body_doc(AvatarBody, AVATAR_FILES),
 )
 async def create_avatar(http: Request) -> JSONResponse:
     """Prepare a video ahead of time (face boxes, latents, blend masks) and keep it in the avatar
@@ -28,7 +28,7 @@ async def create_avatar(http: Request) -> JSONResponse:
     service.require_loaded()
     files = JobFiles()
     try:
-        body, uploaded, form = await read_body(http, service, files, AvatarBody, {"video": "video_path"})
+        body, uploaded, form = await read_body(http, service, files, AvatarBody, AVATAR_FILES)
         if uploaded:
             # The avatar refers to its video for every later request: keep it outside the upload folder.
             staged = form.files["video"]

@@ -38,25 +38,63 @@ def error_docs(*statuses: int) -> dict:
     return {s: {"model": ErrorResponse, "description": described[s]} for s in statuses}
 
 
-def body_doc(model: type[pydantic.BaseModel], files: str) -> dict:
-    """OpenAPI: the body is JSON, or multipart with files (the routes read it themselves)."""
+def body_doc(model: type[pydantic.BaseModel], files: dict[str, str]) -> dict:
+    """OpenAPI: the body is JSON (`model`), or multipart (the routes read it themselves) with file
+    parts `files` (part -> the path field it fills), any field of `model` as a form field, or all of
+    them as one JSON object in field `options`."""
+    fields = body_schema(model)["properties"]
+    parts: dict[str, Any] = {
+        part: {"type": "string", "format": "binary", "description": f"An upload instead of `{path}`."}
+        for part, path in files.items()
+    }
+    for name, field in fields.items():
+        parts[name] = _form_field(field)
+    parts["options"] = {
+        "type": "string",
+        "contentMediaType": "application/json",
+        "description": f"All the other fields of {model.__name__} as one JSON object, e.g. `{{\"batch_size\": 8}}`.",
+    }
     return {
         "requestBody": {
             "required": True,
             "content": {
                 "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}},
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "description": f"Upload {files} as file parts; any other field of {model.__name__} "
-                        "as a form field of the same name (JSON values such as `face_box=[1,2,3,4]` are parsed), "
-                        "or all of them at once as JSON in field `options`.",
-                    }
-                },
+                "multipart/form-data": {"schema": {"type": "object", "properties": parts}},
             },
         }
     }
 
+
+def body_schema(model: type[pydantic.BaseModel]) -> dict[str, Any]:
+    """`model`'s JSON schema (its `$defs` referred to as components) with the rules the service
+    checks itself: paths and ids are non-empty (else 400 `invalid_path` / `avatar_not_found`), and a
+    lip-sync names exactly one of `video_path` and `avatar_id` (else 400 `invalid_option`)."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    for name, field in schema["properties"].items():
+        if name.endswith("_path") or name == "avatar_id":
+            for choice in field.get("anyOf", [field]):
+                if choice.get("type") == "string":
+                    choice["minLength"] = 1
+    if {"video_path", "avatar_id"} <= schema["properties"].keys():
+        schema["oneOf"] = [
+            {"required": [name], "properties": {name: {"type": "string"}}} for name in ("video_path", "avatar_id")
+        ]
+    return schema
+
+
+def _form_field(field: dict[str, Any]) -> dict[str, Any]:
+    """A body field as a form field: a scalar keeps its schema (a form can't send null); anything
+    else is sent as its JSON text."""
+    choices = [c for c in field.get("anyOf", [field]) if c.get("type") != "null"]
+    description = field.get("description", "")
+    if len(choices) == 1 and choices[0].get("type") in ("string", "integer", "number", "boolean"):
+        return {**choices[0], "description": description}
+    return {"type": "string", "contentMediaType": "application/json", "description": f"As JSON text. {description}"}
+
+
+LIPSYNC_FILES = {"video": "video_path", "audio": "audio_path"}
+"""The upload parts of a lip-sync body, and the path field each fills."""
+AVATAR_FILES = {"video": "video_path"}
 
 SUBMIT_ERRORS = error_docs(400, 401, 403, 404, 413, 422, 429, 503, 500)
 

@@ -14,7 +14,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from musetalk_service.api.errors import error_response
 from musetalk_service.api.jobs import Job, JobNotFound, JobStatus
 from musetalk_service.api.requests import checked_request
-from musetalk_service.api.routes.common import SUBMIT_ERRORS, body_doc, error_docs, get_service, raise_failure, read_body, wait_for
+from musetalk_service.api.routes.common import LIPSYNC_FILES, SUBMIT_ERRORS, body_doc, error_docs, get_service, raise_failure, read_body, wait_for
 from musetalk_service.api.schemas import JobAccepted, JobResponse, LipsyncBody, LipsyncResponse
 from musetalk_service.api.service import JobFiles, Service
 
@@ -23,7 +23,7 @@ router = APIRouter()
 
 @router.post(
     "/jobs", status_code=202, response_model=JobAccepted, responses=SUBMIT_ERRORS,
-    openapi_extra=body_doc(LipsyncBody, "`video` and/or `audio`"),
+    openapi_extra=body_doc(LipsyncBody, LIPSYNC_FILES),
 )
 async def submit_job(http: Request) -> Response:
     """Queue a lip-sync (same body as `POST /lipsync`); 202 at once with the job's `status_url`."""
@@ -82,7 +82,7 @@ def _job_view(snapshot: dict) -> dict:
 
 @router.post(
     "/lipsync", response_model=LipsyncResponse, responses={**SUBMIT_ERRORS, **error_docs(499, 504, 507)},
-    openapi_extra=body_doc(LipsyncBody, "`video` and/or `audio`"),
+    openapi_extra=body_doc(LipsyncBody, LIPSYNC_FILES),
 )
 async def lipsync(http: Request) -> Any:
     """Lip-sync a video (or a prepared avatar) to a speech track and wait for it: a job like
@@ -98,7 +98,7 @@ async def _submit_lipsync(service: Service, http: Request) -> Job:
     service.require_loaded()
     files = JobFiles()
     try:
-        body, uploaded, _ = await read_body(http, service, files, LipsyncBody, {"video": "video_path", "audio": "audio_path"})
+        body, uploaded, _ = await read_body(http, service, files, LipsyncBody, LIPSYNC_FILES)
         request = await anyio.to_thread.run_sync(checked_request, service, body, uploaded)
         if body.output_path is None:
             files.auto_output = request.output_path

@@ -41,7 +41,7 @@ async def ready(http: Request) -> Any:
     return {"status": "ready", "queue_depth": jobs.queue_depth, "max_queue": jobs.max_queue, "jobs_running": jobs.running_count}
 
 
-@router.get("/metrics", responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}})
+@router.get("/metrics", responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}, **error_docs(401)})
 async def metrics(http: Request) -> Response:
     """Prometheus metrics (`musetalk_*`): requests by route and outcome, queue depth, job durations,
     per-phase seconds, frames, output fps, avatar cache hits and misses, GPU memory."""
