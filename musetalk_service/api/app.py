@@ -56,11 +56,11 @@ def create_app(
     )
     app.state.service = service
     app.state.settings = settings
-    install_error_handlers(app)
+    api_routes = [route for router in ROUTERS for route in router.routes]
+    install_error_handlers(app, api_routes)
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, key=settings.api_key, open_paths=OPEN_PATHS)
     # Outermost: it also counts the 401s and the 500s answered by the middleware inside it.
-    api_routes = [route for router in ROUTERS for route in router.routes]
     app.add_middleware(MetricsMiddleware, metrics=lambda: service.metrics, routes=lambda: [*api_routes, *app.router.routes])
     for router in ROUTERS:
         app.include_router(router)

@@ -8,13 +8,14 @@ generic message, so no path, stack or secret leaks to the client.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from musetalk_service.api.jobs import QueueFull
@@ -84,10 +85,21 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return error_response(400, "invalid_option", describe_validation_errors(errors))
 
 
-async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    # Unknown route, wrong method...: the same error shape as everything else.
-    phrase = HTTPStatus(exc.status_code).phrase
-    return error_response(exc.status_code, phrase.lower().replace(" ", "_"), str(exc.detail))
+def _http_error_handler(routes: Sequence[BaseRoute]) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
+    """Unknown route, wrong method...: the same error shape as everything else, the headers kept.
+    Starlette's 405 names only the first route matching the path in `Allow`; a path served by
+    several routes (GET and DELETE /jobs/{id}) allows the methods of all of `routes` matching it."""
+
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)
+        phrase = HTTPStatus(exc.status_code).phrase
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            methods = {m for route in routes if route.matches(request.scope)[0] != Match.NONE for m in getattr(route, "methods", None) or ()}
+            headers["Allow"] = ", ".join(sorted(methods))
+        return error_response(exc.status_code, phrase.lower().replace(" ", "_"), str(exc.detail), headers or None)
+
+    return http_error
 
 
 class CatchUnexpected:
@@ -133,8 +145,8 @@ def _field(loc: tuple) -> str:
     return name + "".join(f"[{p}]" for p in parts[1:])
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, routes: Sequence[BaseRoute]) -> None:
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(HTTPException, _http_error_handler(routes))
     app.add_middleware(CatchUnexpected)

@@ -5,20 +5,29 @@ spaces or quotes are safe), stderr drained on a thread into a bounded buffer (a 
 fill the 64 KiB pipe buffer and block forever otherwise), and on any exit path the process is
 either waited for or killed, and always reaped. A non-zero exit becomes `errors.FFmpegError`
 carrying the return code and the tail of stderr.
+
+No ffmpeg outlives this process, even one killed by SIGKILL or the OOM killer: on Linux each is
+started with the parent-death signal (SIGKILL) armed, by `start_child` (one long-lived thread).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import ctypes
 import fcntl
+import functools
 import logging
 import os
+import queue
 import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 from musetalk_service.errors import FFmpegError, OutputNotWritable
 
@@ -93,6 +102,83 @@ def describe_returncode(returncode: int | None) -> str:
     return f"exit code {returncode}"
 
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _load_prctl() -> Any:
+    """libc's prctl, resolved now: the child calls it between fork and exec, where loading a
+    library is not safe. None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    return prctl
+
+
+_prctl = _load_prctl()
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """In the child, before exec: be sent SIGKILL when the parent goes, and go now if it has
+    already gone (it may have died between the fork and this call)."""
+    if _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+class _ChildStarter:
+    """Starts child processes from one thread that lives as long as the process.
+
+    Linux sends the parent-death signal when the *thread* that forked the child ends, not the
+    process. The service starts ffmpeg from job, pool and request threads that end while their
+    ffmpeg still runs (a segment encoder outlives the pool task that started it): armed from
+    those, the signal would kill a working ffmpeg. From this thread it fires only when the
+    process itself is gone. Forking from one thread also serialises the forks.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._requests: queue.SimpleQueue | None = None
+        self._owner_pid = 0
+
+    def popen(self, command: list[str], **kwargs: Any) -> subprocess.Popen:
+        with self._lock:
+            # After a fork this thread does not exist in the child: start its own.
+            if self._requests is None or self._owner_pid != os.getpid():
+                self._requests = queue.SimpleQueue()
+                self._owner_pid = os.getpid()
+                threading.Thread(target=self._serve, args=(self._requests,), name="musetalk-child-starter", daemon=True).start()
+            requests = self._requests
+        started: concurrent.futures.Future[subprocess.Popen] = concurrent.futures.Future()
+        requests.put((command, kwargs, started))
+        return started.result()
+
+    @staticmethod
+    def _serve(requests: queue.SimpleQueue) -> None:
+        while True:
+            command, kwargs, started = requests.get()
+            try:
+                started.set_result(subprocess.Popen(command, preexec_fn=functools.partial(_die_with_parent, os.getpid()), **kwargs))
+            except BaseException as e:  # noqa: BLE001 - the caller's error (no such binary, no memory)
+                started.set_exception(e)
+
+
+_starter = _ChildStarter()
+
+
+def start_child(command: list[str], **kwargs: Any) -> subprocess.Popen:
+    """`subprocess.Popen(command, **kwargs)` (never a shell) for a child that dies with this process.
+
+    On Linux it is forked by one long-lived thread with the parent-death signal armed (see
+    `_ChildStarter`); elsewhere it is a plain Popen, and ends only when its pipes break.
+    """
+    if _prctl is None:
+        return subprocess.Popen(command, **kwargs)
+    return _starter.popen(command, **kwargs)
+
+
 _PIPE_BYTES = 1 << 20
 
 
@@ -162,7 +248,7 @@ class FFmpegPipe:
         logger.debug("starting %s: %s", self.what, shlex.join(self.command))
         # close_fds (the default, kept explicit) matters: a decoder started while an encoder runs
         # must not inherit the encoder's stdin write end, or the encoder would never see EOF.
-        self._proc = subprocess.Popen(
+        self._proc = start_child(
             self.command,
             stdin=subprocess.PIPE if self._want_stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE if self._want_stdout else subprocess.DEVNULL,

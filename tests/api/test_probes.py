@@ -194,3 +194,26 @@ def test_probes_answer_while_a_job_runs(serve, tiny_pipeline, path, small_video,
         client.delete(f"/jobs/{job}")
 
     assert response.status_code == 200 and took < 1
+
+
+def test_head_on_the_probes_answers_their_status_with_no_body(serve, tiny_settings, tmp_path):
+    with serve() as client:
+        health = client.head("/health")
+        ready = client.head("/ready")
+    failures: list[str] = []
+    settings = tiny_settings.model_copy(update={"models_dir": tmp_path / "empty"})
+    with live_server(create_app(settings, on_load_failure=failures.append)) as client:
+        wait_until(lambda: failures, timeout=30, message="load failure reported")
+        not_ready = client.head("/ready")
+
+    assert health.status_code == 200 and health.content == b""
+    assert ready.status_code == 200 and ready.content == b""
+    assert not_ready.status_code == 503 and not_ready.content == b""
+
+
+def test_a_wrong_method_is_405_naming_every_method_the_path_allows(serve):
+    with serve() as client:
+        response = client.patch("/jobs/x")
+
+    assert_error(response, 405, "method_not_allowed")
+    assert {m.strip() for m in response.headers["allow"].split(",")} >= {"GET", "DELETE"}

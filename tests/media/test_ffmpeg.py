@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from fractions import Fraction
@@ -13,6 +16,8 @@ import pytest
 from musetalk_service.errors import FFmpegError, OutputNotWritable
 from musetalk_service.media.ffmpeg import FFmpegPipe, ensure_writable_dir, find_ffmpeg, run_ffmpeg
 from musetalk_service.media.rates import exact_rate
+
+from tests.fixtures.processes import ffmpeg_children, running
 
 from .conftest import pid_alive
 
@@ -137,3 +142,45 @@ def test_frames_are_read_from_a_pipe_of_up_to_1_mb(ffmpeg_exe):
     with pipe:
         assert fcntl.fcntl(pipe._proc.stdout.fileno(), fcntl.F_GETPIPE_SZ) == expected
         pipe.read_all()
+
+
+# A parent process that starts a slow ffmpeg from a thread, lets that thread end, says the pid, waits.
+_PARENT = """
+import sys, threading, time
+from musetalk_service.media.ffmpeg import FFmpegPipe
+pipes = []
+starter = threading.Thread(target=lambda: pipes.append(FFmpegPipe(sys.argv[1], ["-re", "-f", "lavfi", "-i", "anullsrc=r=8000", "-t", "600", "-f", "null", "-"])))
+starter.start(); starter.join()
+pipes[0].start()  # from the main thread too: that one lives on
+worker = threading.Thread(target=lambda: pipes.append(FFmpegPipe(sys.argv[1], ["-re", "-f", "lavfi", "-i", "anullsrc=r=8000", "-t", "600", "-f", "null", "-"])) or pipes[1].start())
+worker.start(); worker.join()
+print(pipes[0].pid, pipes[1].pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_ffmpeg_dies_with_its_parent_even_when_the_thread_that_started_it_has_ended(ffmpeg_exe):
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, ffmpeg_exe], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        assert len(pids) == 2, "the parent did not start its ffmpegs"
+        time.sleep(0.5)
+        # The thread that started the second one has ended: it must still run (the signal is armed
+        # per thread, and a naive arming from that thread would have killed it).
+        alive_before = [running(pid) for pid in pids]
+        children = {pid for pid, _ in ffmpeg_children(parent.pid)}
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 2
+        while any(running(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        survivors = [pid for pid in pids if running(pid)]
+    finally:
+        for pid in pids if "pids" in locals() else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        parent.kill()
+    assert alive_before == [True, True]
+    assert children == set(pids)
+    assert survivors == [], "ffmpeg outlived its SIGKILLed parent"

@@ -13,10 +13,10 @@ from musetalk_service.api.schemas import HealthResponse, ReadyResponse
 router = APIRouter()
 
 
-@router.get("/health", response_model=HealthResponse)
+@router.api_route("/health", methods=["GET", "HEAD"], response_model=HealthResponse)
 async def health(http: Request) -> dict:
     """Liveness: 200 while the process answers, loading or not. Cheap: never touches the GPU or
-    waits for a job. A watchdog restarts the service when this fails (no API key needed)."""
+    waits for a job. HEAD answers the same status with no body. A watchdog restarts the service when this fails (no API key needed)."""
     pipeline = get_service(http).pipeline
     facts = pipeline.health() if pipeline is not None else {}
     return {
@@ -28,7 +28,7 @@ async def health(http: Request) -> dict:
     }
 
 
-@router.get("/ready", response_model=ReadyResponse, responses=error_docs(401, 503))
+@router.api_route("/ready", methods=["GET", "HEAD"], response_model=ReadyResponse, responses=error_docs(401, 503))
 async def ready(http: Request) -> Any:
     """Readiness: 200 once the models are loaded and warmed and the GPU answers a tiny op; 503
     (with the reason) while loading, if the GPU stops answering, or once shutting down. Load
