@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import pydantic
 
 from musetalk_service.errors import ServiceError, WeightsError
-from musetalk_service.pipeline.request import parse_fps
+from musetalk_service.media.rates import parse_fps
 from musetalk_service.settings import LipsyncDefaults, Settings, load_settings
 
 if TYPE_CHECKING:
