@@ -159,6 +159,24 @@ class CacheSettings(BaseModel):
     max_disk_mb: int = Field(20480, ge=0, description="Avatars kept on disk (LRU), in MB.")
 
 
+class UrlSettings(BaseModel):
+    """Media, outputs and callbacks by URL (`video_url`, `audio_url`, `output_url`, `callback_url`)."""
+
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts a URL may name: `host` exactly, or `*.example.com` for its subdomains. Empty: every "
+        "URL field is refused (400 url_not_allowed).",
+    )
+    connect_timeout_s: float = Field(10, gt=0, description="Connecting to a source, an upload target or a callback.")
+    read_timeout_s: float = Field(60, gt=0, description="The longest silence between two chunks of a transfer.")
+    upload_attempts: int = Field(4, ge=1, le=20, description="Tries of the output PUT (connection errors, 408, 429, 5xx).")
+    callback_attempts: int = Field(5, ge=1, le=20, description="Tries of the callback POST until it answers 2xx.")
+    retry_backoff_s: float = Field(1.0, ge=0, description="Wait before the second try; doubled before each later one.")
+    callback_secret: str | None = Field(
+        None, description="When set, each callback carries `X-MuseTalk-Signature: sha256=<HMAC-SHA256 of the body>`."
+    )
+
+
 class Settings(BaseSettings):
     """Everything the service reads from configs/ and the environment."""
 
@@ -195,6 +213,7 @@ class Settings(BaseSettings):
     jobs: JobSettings = JobSettings()
     limits: LimitSettings = LimitSettings()
     cache: CacheSettings = CacheSettings()
+    urls: UrlSettings = UrlSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -19,6 +19,7 @@ from fastapi.security import APIKeyHeader
 import musetalk_service
 from musetalk_service.api.errors import install_error_handlers
 from musetalk_service.api.middleware import ApiKeyMiddleware, MetricsMiddleware
+from musetalk_service.api.requests import check_limits
 from musetalk_service.api.routes import ROUTERS
 from musetalk_service.api.routes.common import body_schema
 from musetalk_service.api.schemas import AvatarBody, LipsyncBody
@@ -38,6 +39,7 @@ def create_app(
     `on_load_failure(message)` is called (from the loading thread) if the models fail to load.
     Raises ValueError when a configured input or output root is not an existing folder."""
     service = Service(settings, pipeline, ready_timeout_s=ready_timeout_s, on_load_failure=on_load_failure)
+    service.check_limits = lambda request, avatar: check_limits(request, settings, avatar)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -189,7 +189,8 @@ class JobManager:
 
     `max_queue` counts jobs waiting (the running one is extra). `keep_finished_s`: how long a
     finished job stays readable before it is forgotten and `on_forget(job)` runs (temp-file
-    cleanup). `time_limit_s`: None for no limit. `default_retry_after_s`: the Retry-After
+    cleanup); `on_finish(job)` runs once when a job succeeds, fails or is cancelled (callbacks).
+    `time_limit_s`: None for no limit. `default_retry_after_s`: the Retry-After
     estimate before any job has succeeded. Threads start here; call `shutdown` to stop them.
     """
 
@@ -202,6 +203,7 @@ class JobManager:
         time_limit_s: float | None,
         metrics: ServiceMetrics | None = None,
         on_forget: Callable[[Job], None] | None = None,
+        on_finish: Callable[[Job], None] | None = None,
         default_retry_after_s: float = 10.0,
     ):
         if max_queue < 1:
@@ -216,6 +218,7 @@ class JobManager:
         self.time_limit_s = None if time_limit_s is None else float(time_limit_s)
         self._metrics = metrics
         self._on_forget = on_forget
+        self._on_finish = on_finish
         self._default_retry_after_s = default_retry_after_s
 
         self._lock = threading.Lock()
@@ -533,6 +536,8 @@ class JobManager:
             self._log(event)
             if self._metrics is not None:
                 self._metrics.job_finished(outcome, run_s, result)
+            if self._on_finish is not None:
+                self._on_finish(job)
 
         return effect
 

@@ -18,6 +18,7 @@ from fastapi import Request
 
 from musetalk_service.api.errors import BadUpload, LimitExceeded, describe_validation_errors
 from musetalk_service.api.paths import PathPolicy
+from musetalk_service.api.remote_media import UrlTask, media_urls, placeholder
 from musetalk_service.api.schemas import AvatarBody, LipsyncBody
 from musetalk_service.api.service import Service
 from musetalk_service.api.uploads import ReceivedForm
@@ -30,7 +31,8 @@ from musetalk_service.settings import LimitSettings, Settings
 MAX_JSON_BYTES = 64 * 1024
 MIN_SIDE = 32
 """Smallest frame side worth trying: a face in fewer pixels is not one the models can use."""
-_STRING_FIELDS = {"video_path", "audio_path", "output_path", "avatar_id", "parsing_mode"}
+_URL_FIELDS = ("video_url", "audio_url", "output_url", "callback_url")
+_STRING_FIELDS = {"video_path", "audio_path", "output_path", "avatar_id", "parsing_mode", *_URL_FIELDS}
 _PREP_FIELDS = ("face_box", "fps", "bbox_shift", "extra_margin", "parsing_mode", "left_cheek_width", "right_cheek_width", "mask_every")
 
 
@@ -109,12 +111,27 @@ def body_from_form(
 # --- checked requests ---------------------------------------------------------------------------------
 
 
-def checked_request(service: Service, body: LipsyncBody, uploaded: frozenset[str]) -> LipsyncRequest:
-    """A lip-sync body as a request whose paths, avatar and media limits are checked (blocking: probes)."""
-    request = prepare_request(body, service.settings, service.paths, uploaded=uploaded)
+def checked_request(service: Service, body: LipsyncBody, uploaded: frozenset[str]) -> LipsyncRequest | UrlTask:
+    """A lip-sync body as a request whose paths, avatar and media limits are checked (blocking: probes).
+
+    With URL fields it is a `UrlTask`: the URLs are checked now, the media they name when the job
+    has fetched them (api/remote_media.py)."""
+    urls = media_urls(body, service.settings.urls)
+    for name in ("video", "audio"):
+        if getattr(body, f"{name}_url") is not None and getattr(body, f"{name}_path") is not None:
+            raise InvalidOption(f"{name}_url: give {name}_path (or upload {name}) or {name}_url, not both")
+    if body.audio_path is None and body.audio_url is None:
+        raise InvalidOption("give audio_path (or upload audio) or audio_url")
+    fetched = {f"{name}_path": placeholder(url, name) for name, url in (("video", urls.video_url), ("audio", urls.audio_url)) if url}
+    body = body.model_copy(update=fetched)
+    request = prepare_request(body, service.settings, service.paths, uploaded=uploaded | fetched.keys())
     avatar = find_avatar(service.pipeline, body.avatar_id) if body.avatar_id is not None else None
-    check_limits(request, service.settings, avatar)
-    return request
+    if not urls:
+        check_limits(request, service.settings, avatar)
+        return request
+    if not fetched:
+        check_limits(request, service.settings, avatar)
+    return UrlTask(request, urls, avatar=avatar, auto_output=body.output_path is None)
 
 
 def checked_avatar_request(service: Service, body: AvatarBody, uploaded: frozenset[str]) -> LipsyncRequest:
@@ -174,7 +191,7 @@ def prepare_request(
         stem = _safe_stem(Path(body.video_path).stem if body.video_path else f"avatar-{body.avatar_id[:8]}")
         name = f"{stem}_{_safe_stem(audio.stem)}_{uuid.uuid4().hex[:8]}.mp4"
         output = paths.check_output(settings.output_dir / name, "output_path")
-    options = body.model_dump(exclude={"video_path", "audio_path", "output_path", "avatar_id"})
+    options = body.model_dump(exclude={"video_path", "audio_path", "output_path", "avatar_id", *_URL_FIELDS})
     return _request(settings, video=video, audio=audio, output=output, options=options, avatar_id=body.avatar_id)
 
 

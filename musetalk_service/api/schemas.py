@@ -95,8 +95,25 @@ class LipsyncBody(_PrepOptions):
         description="A prepared avatar (`POST /avatars`) instead of `video_path`: its video and "
         "preparation options are used, and preparation is skipped.",
     )
-    audio_path: str = Field(
-        description="Path of the speech track (wav, mp3, m4a, ogg...); the output lasts as long as it."
+    audio_path: str | None = Field(
+        None, description="Path of the speech track (wav, mp3, m4a, ogg...); the output lasts as long as it. "
+        "Give this or `audio_url`."
+    )
+    video_url: str | None = Field(
+        None,
+        description="http(s) URL of the video instead of `video_path` (e.g. a presigned GET); its host must be in "
+        "`urls.allowed_hosts`. The job fetches it (same limits as uploads) before it runs.",
+    )
+    audio_url: str | None = Field(None, description="http(s) URL of the speech track instead of `audio_path`.")
+    output_url: str | None = Field(
+        None,
+        description="http(s) URL the MP4 is PUT to (e.g. a presigned PUT), retried on 5xx and connection errors; "
+        "the result's `output_uploaded_to` says where it went. Without `output_path` the server keeps no copy.",
+    )
+    callback_url: str | None = Field(
+        None,
+        description="http(s) URL that receives the job's final status once (POST, the `GET /jobs/{job_id}` body), "
+        "signed with `X-MuseTalk-Signature: sha256=<HMAC>` when `urls.callback_secret` is set.",
     )
     output_path: str | None = Field(
         None,
@@ -145,6 +162,9 @@ class LipsyncResponse(BaseModel):
     warnings: list[str] = Field(default_factory=list, description="Things worth knowing about this output.")
     job_id: str | None = Field(
         None, description="The job that made it: `GET /jobs/{job_id}/output` downloads the MP4 while the job is kept."
+    )
+    output_uploaded_to: str | None = Field(
+        None, description="With `output_url`: where the MP4 was uploaded (the URL without its query string)."
     )
 
 

@@ -30,10 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from musetalk_service.api.callbacks import CallbackSender
 from musetalk_service.api.errors import DiskFull, NotReady
 from musetalk_service.api.jobs import Job, JobManager, ShutdownMode
 from musetalk_service.api.metrics import ServiceMetrics
 from musetalk_service.api.paths import PathPolicy
+from musetalk_service.api.remote_media import UrlTask, fetch_and_run
 from musetalk_service.errors import FFmpegError, ServiceError
 from musetalk_service.contract import LipsyncRequest
 from musetalk_service.settings import Settings
@@ -162,6 +164,9 @@ class Service:
         self._files_lock = threading.Lock()
         self._cache_seen = {"hits": 0, "misses": 0}
         self._cache_lock = threading.Lock()
+        self.callbacks = CallbackSender(settings.urls)
+        self.check_limits: Callable[[LipsyncRequest, dict[str, Any] | None], None] | None = None
+        """Holds fetched media to the limits (api/requests.py's check, set by `create_app`)."""
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -175,6 +180,7 @@ class Service:
             time_limit_s=jobs.time_limit_s,
             metrics=self.metrics,
             on_forget=self._forget,
+            on_finish=self._finished,
         )
         if self.pipeline is not None:
             self._loaded(self.pipeline)
@@ -218,6 +224,7 @@ class Service:
             log.warning("the running job outlived the shutdown timeout (%g s): cancelling it", settings.shutdown_timeout_s)
             if not self.jobs.shutdown("cancel", timeout=30):
                 log.error("the running job did not stop within 30 s of its cancel; exiting anyway")
+        self.callbacks.close(timeout=_CALLBACK_GRACE_S)
 
     # -- readiness -----------------------------------------------------------------------------------
 
@@ -262,6 +269,8 @@ class Service:
         try:
             if isinstance(request, AvatarTask):
                 return self._prepare_avatar(pipeline, request, cancel)
+            if isinstance(request, UrlTask):
+                return self._run_url_task(pipeline, request, progress, cancel)
             return pipeline.run(request, progress, cancel)
         except OSError as e:
             if e.errno == errno.ENOSPC:
@@ -273,6 +282,24 @@ class Service:
             raise
         finally:
             self._release(request, forget=False)
+
+    def _run_url_task(self, pipeline: Any, task: UrlTask, progress, cancel) -> Any:
+        """Fetch, check, run, upload (remote_media.fetch_and_run): here, or where the engine runs
+        when it offers `run_url_task` (a Ray replica fetches its media itself)."""
+        remote = getattr(pipeline, "run_url_task", None)
+        if remote is not None:
+            return remote(task, progress, cancel)
+        assert self.check_limits is not None
+        return fetch_and_run(
+            pipeline.run, task, folder=self.upload_folder(), max_bytes=self.settings.limits.max_upload_bytes,
+            settings=self.settings.urls, check=self.check_limits, progress=progress, cancel=cancel,
+        )
+
+    def _finished(self, job: Job) -> None:
+        """The job manager's `on_finish`: the final status to the job's `callback_url`, if any."""
+        task = job.request
+        if isinstance(task, UrlTask) and task.urls.callback_url is not None:
+            self.callbacks.send(task.urls.callback_url, job_view(job.to_dict()))
 
     def _prepare_avatar(self, pipeline: Any, task: AvatarTask, cancel) -> AvatarResult:
         started = time.perf_counter()
@@ -359,6 +386,18 @@ class Service:
                 if delta > 0:
                     inc(delta)
                     self._cache_seen[name] += delta
+
+
+_CALLBACK_GRACE_S = 10.0
+"""How long shutdown waits for callbacks still being retried."""
+
+
+def job_view(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """A job's snapshot as `GET /jobs/{job_id}` answers it (and a callback sends it)."""
+    url = f"/jobs/{snapshot['job_id']}"
+    result = snapshot["result"]
+    local = snapshot["status"] == "succeeded" and result and "output_path" in result and "output_uploaded_to" not in result
+    return {**snapshot, "status_url": url, "output_url": f"{url}/output" if local else None}
 
 
 _DISK_FULL = "no space left on the disk of the output or work folder; the job stopped and removed its partial files"

@@ -169,7 +169,7 @@ def test_bad_option_values_are_400_invalid_option(client, option, named, talking
 
 def test_missing_required_field_is_400_invalid_option(client, speech_wav, talking_head_video):
     assert_error(post(client, audio_path=str(speech_wav)), 400, "invalid_option", "video_path", "avatar_id")
-    assert_error(post(client, video_path=str(talking_head_video)), 400, "invalid_option", "audio_path", "Field required")
+    assert_error(post(client, video_path=str(talking_head_video)), 400, "invalid_option", "audio_path", "audio_url")
 
 
 @pytest.mark.parametrize(

@@ -13,10 +13,11 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from musetalk_service.api.errors import error_response
 from musetalk_service.api.jobs import Job, JobNotFound, JobStatus
+from musetalk_service.api.remote_media import UrlTask
 from musetalk_service.api.requests import checked_request
 from musetalk_service.api.routes.common import LIPSYNC_FILES, SUBMIT_ERRORS, body_doc, error_docs, get_service, raise_failure, read_body, wait_for
 from musetalk_service.api.schemas import JobAccepted, JobResponse, LipsyncBody, LipsyncResponse
-from musetalk_service.api.service import JobFiles, Service
+from musetalk_service.api.service import JobFiles, Service, job_view
 
 router = APIRouter()
 
@@ -46,7 +47,7 @@ async def submit_job(http: Request) -> Response:
 async def get_job(job_id: str, http: Request) -> dict:
     """Status (queued, running, succeeded, failed, cancelled), phase, frames done of total,
     timings so far, and the result or the error."""
-    return _job_view(get_service(http).jobs.snapshot(job_id))
+    return job_view(get_service(http).jobs.snapshot(job_id))
 
 
 @router.delete("/jobs/{job_id}", response_model=JobResponse, responses={202: {"model": JobResponse}, **error_docs(401, 404)})
@@ -55,7 +56,7 @@ async def cancel_job(job_id: str, http: Request) -> JSONResponse:
     ended and partial files removed (202 with `cancel_requested`). A finished job is left as it is."""
     jobs = get_service(http).jobs
     jobs.cancel(job_id)
-    view = _job_view(jobs.snapshot(job_id))
+    view = job_view(jobs.snapshot(job_id))
     return JSONResponse(view, status_code=202 if view["status"] == "running" else 200)
 
 
@@ -72,12 +73,6 @@ async def job_output(job_id: str, http: Request) -> Response:
     if not path.is_file():
         return error_response(404, "output_gone", f"job {job_id}'s output is no longer on the server")
     return FileResponse(path, media_type="video/mp4", filename=path.name)
-
-
-def _job_view(snapshot: dict) -> dict:
-    url = f"/jobs/{snapshot['job_id']}"
-    succeeded = snapshot["status"] == "succeeded" and snapshot["result"] and "output_path" in snapshot["result"]
-    return {**snapshot, "status_url": url, "output_url": f"{url}/output" if succeeded else None}
 
 
 @router.post(
@@ -101,7 +96,7 @@ async def _submit_lipsync(service: Service, http: Request) -> Job:
         body, uploaded, _ = await read_body(http, service, files, LipsyncBody, LIPSYNC_FILES)
         request = await anyio.to_thread.run_sync(checked_request, service, body, uploaded)
         if body.output_path is None:
-            files.auto_output = request.output_path
+            files.auto_output = request.request.output_path if isinstance(request, UrlTask) else request.output_path
     except BaseException:
         if files.upload_dir is not None:
             shutil.rmtree(files.upload_dir, ignore_errors=True)
