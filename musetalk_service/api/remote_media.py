@@ -29,8 +29,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from musetalk_service.errors import Cancelled, InputError, InvalidOption, ServiceError
-from musetalk_service.pipeline.request import LipsyncRequest
-from musetalk_service.pipeline.result import LipsyncResult
+from musetalk_service.contract import LipsyncRequest, LipsyncResult
 from musetalk_service.settings import UrlSettings
 
 log = logging.getLogger(__name__)
