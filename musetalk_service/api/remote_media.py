@@ -113,6 +113,14 @@ class UploadedResult:
         return self.result.frames
 
     @property
+    def frames_generated(self) -> int:
+        return self.result.frames_generated
+
+    @property
+    def frames_silent(self) -> int:
+        return self.result.frames_silent
+
+    @property
     def timings(self) -> dict[str, float]:
         return self.result.timings
 

@@ -73,6 +73,8 @@ class AvatarResult:
     avatar: dict[str, Any]
     timings: dict[str, float]
     frames: int = 0  # no output frames: /metrics counts lip-sync frames only
+    frames_generated: int = 0
+    frames_silent: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.avatar)
