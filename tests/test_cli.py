@@ -182,7 +182,7 @@ def test_serve_with_malformed_weights_stops_with_the_reason(tiny_models_dir, tmp
 
 
 def test_bench_runs_the_real_pipeline_and_writes_its_report(tiny_models_dir, tmp_path):
-    """A small bench on the tiny weights: cold, warm (avatar reused) and face_box runs, JSON written."""
+    """A small bench on the tiny weights: cold, warm (avatar reused), face_box and silence30 runs, JSON written."""
     import json
     import subprocess
     import sys
@@ -195,8 +195,10 @@ def test_bench_runs_the_real_pipeline_and_writes_its_report(tiny_models_dir, tmp
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert set(report["runs"]) == {"cold", "warm", "face_box"}
-    assert all(run["frames"] == 10 for run in report["runs"].values())
+    assert set(report["runs"]) == {"cold", "warm", "face_box", "silence30"}
+    assert all(report["runs"][name]["frames"] == 10 for name in ("cold", "warm", "face_box"))
+    silent = report["runs"]["silence30"]  # its own track, 30 % silence: every frame generated or passed through
+    assert silent["frames"] > 0 and silent["frames_generated"] + silent["frames_silent"] <= silent["frames"]
     assert report["runs"]["warm"]["avatar_id"] == report["runs"]["cold"]["avatar_id"]
     assert report["runs"]["warm"]["phases_s"]["vae_encode"] == 0
     assert report["weights"] == "random" and "warm" in done.stdout
@@ -206,4 +208,4 @@ def test_bench_runs_the_real_pipeline_and_writes_its_report(tiny_models_dir, tmp
         assert run["gpu_memory_peak_gb"] is None and run["gpu_reserved_peak_gb"] is None, run  # CPU run
         assert run["verdict"]["bound_by"] and "gpu_held_met" not in run["verdict"], run
     assert report["runs"]["cold"]["verdict"]["target_fps"] == 150 and "face_box" in done.stdout
-    assert done.stdout.count("bound by the ") == 3
+    assert done.stdout.count("bound by the ") == len(report["runs"])

@@ -259,8 +259,10 @@ def test_exception_in_block_cleans_up(ffmpeg_exe, x264, tmp_path, work):
     with pytest.raises(RuntimeError, match="caller failed"):
         with SegmentedEncoder(out, W, H, 25, x264, ffmpeg_exe, workers=3, segment_frames=16, tmp_dir=work) as enc:
             enc.write(coded_frames(0, 60))
+            # Segments whose frames are all written may already have finished (how many depends on
+            # the host's speed); at least the last, partial one is still encoding.
             pids = enc.pids
-            assert len(pids) >= 2
+            assert len(pids) >= 1
             raise RuntimeError("caller failed")
     assert not any(pid_alive(pid) for pid in pids)
     assert_clean(work, out, output=False)
