@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 EXIT_FAILED = 1
 EXIT_CANNOT_START = 2
 
+_REQUEST_GRACE_S = 10
+"""Seconds uvicorn gives requests still in flight after a drain before it closes them."""
+
 # The demo clip: the astronaut photo scikit-image ships, as a talking head.
 DEMO_FPS = 25
 DEMO_SIZE = (512, 512)
@@ -78,11 +81,11 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         _error(f"bad settings: {e}")
         return EXIT_CANNOT_START
-    # log_config=None: uvicorn's loggers go through the logging set up in `_settings`. In-flight
-    # requests get the job shutdown time plus a margin before uvicorn closes them.
+    # log_config=None: uvicorn's loggers go through the logging set up in `_settings`. uvicorn's
+    # shutdown starts once the drain is over (no job runs): requests still in flight then (a
+    # download, a waiting POST /lipsync being answered) get a few seconds to finish.
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_config=None,
-        timeout_graceful_shutdown=int(settings.jobs.shutdown_timeout_s) + 10,
+        app, host=settings.host, port=settings.port, log_config=None, timeout_graceful_shutdown=_REQUEST_GRACE_S,
     )
     server = ServiceServer(config)
     server.run()

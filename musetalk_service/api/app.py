@@ -1,4 +1,4 @@
-"""The FastAPI application, and the uvicorn server whose SIGTERM drains the job queue first.
+"""The FastAPI application, and the uvicorn server whose SIGTERM drains the job queue, serving HTTP meanwhile.
 
 `create_app` builds the `Service` (api/service.py) the routes share: the job queue in front of the
 GPU, metrics, the path policy. The models load in the background unless a loaded pipeline is
@@ -18,7 +18,7 @@ from fastapi.security import APIKeyHeader
 
 import musetalk_service
 from musetalk_service.api.errors import install_error_handlers
-from musetalk_service.api.middleware import ApiKeyMiddleware, MetricsMiddleware
+from musetalk_service.api.middleware import ApiKeyMiddleware, DrainMiddleware, MetricsMiddleware
 from musetalk_service.api.requests import check_limits
 from musetalk_service.api.routes import ROUTERS
 from musetalk_service.api.routes.common import body_schema
@@ -60,6 +60,8 @@ def create_app(
     app.state.settings = settings
     api_routes = [route for router in ROUTERS for route in router.routes]
     install_error_handlers(app, api_routes)
+    # Inside the API key check (an unauthorized POST is 401 even while draining).
+    app.add_middleware(DrainMiddleware, draining=lambda: service.stopping)
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, key=settings.api_key, open_paths=OPEN_PATHS)
     # Outermost: it also counts the 401s and the 500s answered by the middleware inside it.
@@ -106,21 +108,31 @@ _API_KEY = APIKeyHeader(
 
 
 class ServiceServer(uvicorn.Server):
-    """uvicorn's server; on SIGTERM/SIGINT it first stops the job queue taking jobs.
+    """uvicorn's server, whose SIGTERM/SIGINT drains the service before it stops listening.
 
-    The first signal applies `jobs.shutdown_mode` (finish or cancel the running job); a second one
-    cancels it. The job manager's lock is never taken in the signal handler: the call is scheduled
-    on the event loop.
+    uvicorn's own handler stops listening at once (and re-raises the signal at exit). Here the
+    first signal starts the service's drain (`Service.begin_shutdown` with `jobs.shutdown_mode`)
+    and a later one cancels the running job; HTTP is served all along, and the server exits,
+    with status 0, once `Service.drained()` says no job runs. The job manager's lock is never
+    taken in the signal handler: the call is scheduled on the event loop.
     """
 
     def __init__(self, config: uvicorn.Config):
         super().__init__(config)
         self.service: Service = config.app.state.service
+        self.exit_signals = 0
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         service = self.service
-        mode = "cancel" if self.should_exit else service.settings.jobs.shutdown_mode
+        self.exit_signals += 1
+        mode = "cancel" if self.exit_signals > 1 else service.settings.jobs.shutdown_mode
         loop = service.loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(service.begin_shutdown, mode)
-        super().handle_exit(sig, frame)
+        if loop is None or loop.is_closed():
+            self.should_exit = True  # not started yet (or gone): nothing to drain
+            return
+        loop.call_soon_threadsafe(service.begin_shutdown, mode)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.service.drained():
+            self.should_exit = True
+        return await super().on_tick(counter)

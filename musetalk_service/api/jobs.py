@@ -96,6 +96,10 @@ class ShuttingDown(ServiceError):
     status = 503
 
 
+NO_NEW_JOBS = "the service is shutting down and takes no new jobs; retry on another instance"
+"""The message of a submission refused by a shutdown (here, or before its body is read: api/middleware.py)."""
+
+
 class TimeLimitExceeded(ServiceError):
     code = "time_limit_exceeded"
     status = 504
@@ -244,7 +248,7 @@ class JobManager:
         """Queue a job. Raises `QueueFull` (429) or `ShuttingDown` (503)."""
         with self._lock:
             if not self._accepting:
-                raise ShuttingDown("the service is shutting down and takes no new jobs; retry on another instance")
+                raise ShuttingDown(NO_NEW_JOBS)
             if len(self._queue) >= self.max_queue:
                 retry = self._retry_after_locked(time.monotonic())
                 raise QueueFull(

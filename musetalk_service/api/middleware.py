@@ -1,6 +1,6 @@
-"""ASGI middleware: the API key check and the per-request metrics.
+"""ASGI middleware: the API key check, the refusal of new work while draining, the per-request metrics.
 
-Both are plain ASGI (not Starlette's `BaseHTTPMiddleware`): they pass `receive` through untouched,
+All are plain ASGI (not Starlette's `BaseHTTPMiddleware`): they pass `receive` through untouched,
 so a handler can still learn that its client went away, and they add no task per request.
 """
 
@@ -13,6 +13,7 @@ from collections.abc import Callable, Collection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from musetalk_service.api.errors import error_response
+from musetalk_service.api.jobs import NO_NEW_JOBS, ShuttingDown
 from musetalk_service.api.metrics import ServiceMetrics
 
 API_KEY_HEADER = "x-api-key"
@@ -39,6 +40,26 @@ class ApiKeyMiddleware:
         if given is None or not hmac.compare_digest(given, self._key):
             reason = "missing" if given is None else "wrong"
             response = error_response(401, "unauthorized", f"{reason} API key: send it in header X-API-Key")
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+class DrainMiddleware:
+    """While the service drains (`draining()` true), every POST is 503 `shutting_down` at once.
+
+    Answered before the body is read, with `Connection: close`: the server then closes the
+    connection instead of reading the rest of the body to keep it alive, so a large upload is
+    never received. Every other method (probes, job status, output downloads, cancels) passes.
+    """
+
+    def __init__(self, app: ASGIApp, draining: Callable[[], bool]):
+        self.app = app
+        self._draining = draining
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and self._draining():
+            response = error_response(ShuttingDown.status, ShuttingDown.code, NO_NEW_JOBS, headers={"Connection": "close"})
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)

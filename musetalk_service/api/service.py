@@ -5,9 +5,12 @@
 - `start()` (in the app's lifespan, on the event loop): the `JobManager` starts; the models load
   in a thread of their own unless a loaded pipeline was given, so the process answers `/health`
   at once and `/ready` says 503 until they are loaded and warmed.
-- `begin_shutdown(mode)` (SIGTERM, via `ServiceServer`): no new jobs, queued ones cancelled, the
-  running one finished or cancelled; `/ready` says 503.
-- `stop()` (lifespan end): waits up to `jobs.shutdown_timeout_s` for the running job, then cancels it.
+- `begin_shutdown(mode)` (SIGTERM, via `ServiceServer`): the drain. No new jobs, queued ones
+  cancelled, the running one finished or cancelled; `/ready` says 503, POSTs 503 `shutting_down`,
+  while every other route keeps answering. `drained()` turns true once no job runs (the running
+  one ended, or was cancelled at `jobs.shutdown_timeout_s`); the server then stops listening.
+- `stop()` (lifespan end): waits up to `jobs.shutdown_timeout_s` for the running job, then cancels it
+  (after a drain there is none left).
 
 Files a job owns: an upload folder (removed as soon as the job ends, or is forgotten if it never
 ran), an auto-named output (removed when the job is forgotten), an uploaded avatar video (kept
@@ -159,6 +162,9 @@ class Service:
         self.jobs: JobManager | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stopping = False
+        self._drain_deadline: float | None = None
+        """When a drain cancels the running job (monotonic seconds); None until `begin_shutdown`."""
+        self._drain_cancelled = False
         self.work_root = Path(settings.work_dir) if settings.work_dir is not None else Path(tempfile.gettempdir())
         self._on_load_failure = on_load_failure
         self._probe = DeviceProbe(ready_timeout_s)
@@ -211,10 +217,41 @@ class Service:
             log.warning("could not tidy the uploaded avatar videos", exc_info=True)
 
     def begin_shutdown(self, mode: ShutdownMode) -> None:
-        """No new jobs; queued ones cancelled; the running one finishes or is cancelled (`mode`)."""
+        """Start (or escalate) the drain: no new jobs; queued ones cancelled; the running one
+        finishes (`mode` "finish", cancelled once `jobs.shutdown_timeout_s` has passed) or is
+        cancelled now ("cancel"). On the event loop: `drained()` reads what this sets."""
+        now = time.monotonic()
+        if self._drain_deadline is None:
+            self._drain_deadline = now + self.settings.jobs.shutdown_timeout_s
+        if mode == "cancel":
+            # From here the pipeline gets the same grace to stop as after the timeout.
+            self._drain_deadline = min(self._drain_deadline, now)
+            self._drain_cancelled = True
         self.stopping = True
         if self.jobs is not None:
             self.jobs.begin_shutdown(mode)
+
+    def drained(self) -> bool:
+        """Whether a drain is over: no job runs any more. Past `jobs.shutdown_timeout_s` it
+        cancels the running job, and gives up waiting `_CANCEL_GRACE_S` later (a pipeline that
+        ignores its cancel, e.g. a hung GPU, must not keep the process alive). False while not
+        draining. Cheap: the server asks on every tick."""
+        deadline = self._drain_deadline
+        if deadline is None:
+            return False
+        if self.jobs is None or self.jobs.running_count == 0:
+            return True
+        now = time.monotonic()
+        if now < deadline:
+            return False
+        if not self._drain_cancelled:
+            self._drain_cancelled = True
+            log.warning("the running job outlived the shutdown timeout (%g s): cancelling it", self.settings.jobs.shutdown_timeout_s)
+            self.jobs.begin_shutdown("cancel")
+        if now < deadline + _CANCEL_GRACE_S:
+            return False
+        log.error("the running job did not stop within %g s of its cancel; exiting anyway", _CANCEL_GRACE_S)
+        return True
 
     def stop(self) -> None:
         """Blocking: wait for the running job (up to `jobs.shutdown_timeout_s`), then cancel it."""
@@ -224,8 +261,8 @@ class Service:
         self.stopping = True
         if not self.jobs.shutdown(settings.shutdown_mode, timeout=settings.shutdown_timeout_s):
             log.warning("the running job outlived the shutdown timeout (%g s): cancelling it", settings.shutdown_timeout_s)
-            if not self.jobs.shutdown("cancel", timeout=30):
-                log.error("the running job did not stop within 30 s of its cancel; exiting anyway")
+            if not self.jobs.shutdown("cancel", timeout=_CANCEL_GRACE_S):
+                log.error("the running job did not stop within %g s of its cancel; exiting anyway", _CANCEL_GRACE_S)
         self.callbacks.close(timeout=_CALLBACK_GRACE_S)
 
     # -- readiness -----------------------------------------------------------------------------------
@@ -390,6 +427,8 @@ class Service:
                     self._cache_seen[name] += delta
 
 
+_CANCEL_GRACE_S = 30.0
+"""How long shutdown waits for a cancelled job's pipeline to stop before exiting anyway."""
 _CALLBACK_GRACE_S = 10.0
 """How long shutdown waits for callbacks still being retried."""
 

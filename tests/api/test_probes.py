@@ -1,14 +1,11 @@
 """Probes and lifecycle: /health (liveness) vs /ready (readiness), a GPU that stops answering, a
-failed model load, the API key, and graceful shutdown on SIGTERM (a real `serve` process)."""
+failed model load, the API key, and the shutdown mode (the drain of a real `serve` process on
+SIGTERM is tests/api/test_drain.py)."""
 
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,9 +16,7 @@ import pytest
 from musetalk_service.api.app import create_app
 from tests.api.conftest import SMALL_FACE_BOX
 from tests.api.helpers import ControlledPipeline, assert_error, metric, wait_until
-from tests.api.live import live_server, wait_ready
-
-CONSOLE_SCRIPT = Path(sys.executable).with_name("musetalk-service")
+from tests.api.live import live_server
 
 
 def body(video: Path, audio: Path, **extra) -> dict:
@@ -104,63 +99,6 @@ def test_api_key_guards_every_route_but_health(serve, small_video, short_audio, 
     assert ok.status_code == 200, ok.text
     assert counted == 2 and unmatched == 1  # by route template; /nope matches none
     assert key not in caplog.text and key not in ok.text
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_sigterm_stops_taking_jobs_finishes_the_running_one_and_exits(tiny_models_dir, small_video, make_audio, tmp_path):
-    port = _free_port()
-    env = {**os.environ, "MUSETALK_OUTPUT_DIR": str(tmp_path / "out"), "MUSETALK_WORK_DIR": str(tmp_path),
-           "MUSETALK_JOBS__SHUTDOWN_MODE": "finish"}
-    process = subprocess.Popen(
-        [str(CONSOLE_SCRIPT), "serve", "--models", str(tiny_models_dir), "--device", "cpu", "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
-            wait_until(lambda: _answers(client), timeout=60, message="serve answers /health")
-            assert wait_ready(client).status_code == 200
-            results: dict[str, httpx.Response] = {}
-            output = tmp_path / "finished.mp4"
-            request = threading.Thread(target=lambda: results.update(sync=client.post(
-                "/lipsync", json=body(small_video, make_audio(0.4), batch_size=1, output_path=str(output)))))
-            request.start()
-            wait_until(lambda: client.get("/ready").json().get("jobs_running") == 1, timeout=30, message="job running")
-
-            process.send_signal(signal.SIGTERM)
-            late = _try_post(client, body(small_video, make_audio(0.4)))
-            request.join(timeout=60)
-            code = process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        _, stderr = process.communicate(timeout=30)
-
-    assert results["sync"].status_code == 200, results["sync"].text  # shutdown_mode finish: it ran to the end
-    assert output.is_file()
-    assert late is None or late.status_code == 503, late.text  # refused, or the listener already closed
-    # uvicorn re-raises the signal once it has shut down cleanly: the exit status says SIGTERM.
-    assert code in (0, -signal.SIGTERM), stderr
-    assert "Application shutdown complete" in stderr
-    assert '"event":"job_succeeded"' in stderr and "Traceback" not in stderr
-
-
-def _answers(client: httpx.Client) -> bool:
-    try:
-        return client.get("/health").status_code == 200
-    except httpx.TransportError:
-        return False
-
-
-def _try_post(client: httpx.Client, json: dict) -> httpx.Response | None:
-    try:
-        return client.post("/jobs", json=json)
-    except httpx.TransportError:
-        return None
 
 
 def test_sigterm_with_shutdown_mode_cancel_cancels_the_running_job(serve, tiny_pipeline, small_video, short_audio):
