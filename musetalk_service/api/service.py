@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from musetalk_service import work_folders
 from musetalk_service.api.callbacks import CallbackSender
 from musetalk_service.api.errors import DiskFull, NotReady
 from musetalk_service.api.jobs import Job, JobManager, ShutdownMode
@@ -180,6 +181,10 @@ class Service:
 
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        try:
+            work_folders.sweep(self.work_root)  # left by a server that was killed mid-job
+        except OSError:
+            log.warning("could not tidy the work folder %s", self.work_root, exc_info=True)
         jobs = self.settings.jobs
         self.jobs = JobManager(
             self._execute,

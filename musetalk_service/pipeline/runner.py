@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import tempfile
 import threading
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from musetalk_service import work_folders
 from musetalk_service.errors import AvatarNotFound, BadAudio, Cancelled, GpuMemoryExhausted, InvalidOption, NoFace
 from musetalk_service.media.audio import load_audio
 from musetalk_service.media.decode import VideoReader
@@ -99,12 +99,13 @@ class LipsyncPipeline:
     def run(self, request: LipsyncRequest, progress: Progress | None = None, cancel: threading.Event | None = None) -> LipsyncResult:
         """Lip-sync the request's video (or prepared avatar) to its audio and write `output_path`."""
         timer = PhaseTimer(sync=self._sync)
-        work_dir = Path(tempfile.mkdtemp(prefix="musetalk-", dir=self.settings.work_dir))
+        # Held while it lives: a server started after this process died removes it (work_folders.py).
+        work_dir = work_folders.make(Path(self.settings.work_dir or tempfile.gettempdir()))
         try:
             with self._gpu_memory_named(), contextlib.ExitStack() as resources:
                 return self._run(request, timer, work_dir, resources, progress or _no_progress, cancel)
         finally:
-            shutil.rmtree(work_dir, ignore_errors=True)
+            work_folders.remove(work_dir)
             self._release_memory()
 
     @contextlib.contextmanager

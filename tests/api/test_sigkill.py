@@ -13,6 +13,8 @@ from tests.api.helpers import wait_job, wait_until
 from tests.api.live import serve_process
 from tests.fixtures.processes import ffmpeg_children, running
 
+from musetalk_service.work_folders import WORK_PREFIX
+
 
 def long_wav(ffmpeg: str, path: Path, seconds: int) -> Path:
     """A mono 16 kHz WAV tone of `seconds` (made in well under a second by ffmpeg's lavfi):
@@ -44,3 +46,39 @@ def test_sigkill_of_the_server_mid_aac_encode_leaves_no_ffmpeg_running(tiny_mode
 
     assert encoding_at_kill  # the 20-minute track was still being encoded
     assert took < 2, took
+
+
+def work_folders_in(root: Path) -> set[Path]:
+    return {p for p in root.iterdir() if p.name.startswith(WORK_PREFIX)}
+
+
+def test_a_new_server_removes_the_work_folder_of_a_killed_one_but_not_a_live_ones(tiny_models_dir, small_video, make_audio, tmp_path):
+    work = tmp_path / "work"
+    shared = {"MUSETALK_WORK_DIR": str(work)}
+
+    def start_job(serve, seconds: float) -> tuple[str, Path]:
+        before = work_folders_in(work) if work.exists() else set()
+        body = {"video_path": str(small_video), "audio_path": str(make_audio(seconds)), "face_box": SMALL_FACE_BOX, "batch_size": 3}
+        job_id = serve.client.post("/jobs", json=body).json()["job_id"]
+        wait_job(serve.client, job_id, until=("running",))
+        wait_until(lambda: work_folders_in(work) - before, message="its work folder")
+        (folder,) = work_folders_in(work) - before
+        return job_id, folder
+
+    with serve_process(tiny_models_dir, tmp_path / "live", **shared) as live:
+        with serve_process(tiny_models_dir, tmp_path / "killed", **shared) as killed:
+            _, dead_folder = start_job(killed, 30.0)
+            live_job, live_folder = start_job(live, 15.0)
+            killed.process.send_signal(signal.SIGKILL)
+            killed.process.wait(timeout=10)
+        left_behind = dead_folder.is_dir()
+        with serve_process(tiny_models_dir, tmp_path / "next", **shared):
+            live_status = live.client.get(f"/jobs/{live_job}").json()["status"]
+            dead_after, live_after = dead_folder.exists(), live_folder.is_dir()
+        finished = wait_job(live.client, live_job, timeout=600)
+
+    assert left_behind  # SIGKILL left it
+    assert not dead_after  # the next server removed it at start
+    assert live_status == "running" and live_after  # the live server's, in use, was left alone
+    assert finished["status"] == "succeeded", finished
+    assert not live_folder.exists()
