@@ -21,6 +21,7 @@ the pipeline opens the file; roots should not be writable by untrusted parties.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,6 +29,8 @@ from pathlib import Path
 from musetalk_service.errors import InputError, InputFileNotFound, OutputNotWritable, ServiceError
 
 _SHOWN_CHARS = 200
+_NAME_MAX, _PATH_MAX = 255, 4096
+"""Linux's limits on a file name and a whole path, in bytes (what ENAMETOOLONG means)."""
 
 
 class PathNotAllowed(ServiceError):
@@ -97,7 +100,20 @@ class PathPolicy:
         if "\x00" in given:
             raise InputError(f"{field}: the path contains a NUL character", code="invalid_path", status=400)
         try:
+            os.fsencode(given)
+        except UnicodeEncodeError:
+            raise InputError(f"{field}: the path is not valid text (a lone UTF-16 surrogate)", code="invalid_path", status=400) from None
+        try:
             real = Path(os.path.realpath(given))
         except (OSError, ValueError):
             raise PathNotAllowed(f"{field}: {_show(given)} cannot be resolved") from None
+        try:
+            os.lstat(real)
+        except OSError as e:
+            # Path.exists() and is_dir() raise on a name the filesystem can't hold: refuse it here.
+            if e.errno == errno.ENAMETOOLONG:
+                raise InputError(
+                    f"{field}: the path is too long for the filesystem (at most {_NAME_MAX} bytes a name, "
+                    f"{_PATH_MAX} in all)", code="invalid_path", status=400,
+                ) from None
         return given, real
