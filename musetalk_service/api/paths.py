@@ -67,6 +67,7 @@ class PathPolicy:
         given, real = self._resolve(path, field)
         if self.input_roots and not _under(real, self.input_roots):
             raise PathNotAllowed(f"{field}: {_show(given)} is outside the allowed input folders (input_roots)")
+        self._check_length(real, field)
         if not real.exists():
             raise InputFileNotFound(f"{field}: file not found: {_show(given)}")
         if not real.is_file():
@@ -82,6 +83,7 @@ class PathPolicy:
             raise OutputNotWritable(f"{field}: {_show(given)} names a folder; give a file path such as out.mp4")
         if self.output_roots and not _under(real, self.output_roots):
             raise PathNotAllowed(f"{field}: {_show(given)} is outside the allowed output folders (output_roots)")
+        self._check_length(real, field)
         if real.is_dir():
             raise OutputNotWritable(f"{field}: {_show(given)} is a folder; give a file path such as out.mp4")
         if real.exists() and not real.is_file():
@@ -107,13 +109,16 @@ class PathPolicy:
             real = Path(os.path.realpath(given))
         except (OSError, ValueError):
             raise PathNotAllowed(f"{field}: {_show(given)} cannot be resolved") from None
+        return given, real
+
+    @staticmethod
+    def _check_length(real: Path, field: str) -> None:
+        """Path.exists() and is_dir() raise on a name the filesystem can't hold: refuse it first."""
         try:
             os.lstat(real)
         except OSError as e:
-            # Path.exists() and is_dir() raise on a name the filesystem can't hold: refuse it here.
             if e.errno == errno.ENAMETOOLONG:
                 raise InputError(
                     f"{field}: the path is too long for the filesystem (at most {_NAME_MAX} bytes a name, "
                     f"{_PATH_MAX} in all)", code="invalid_path", status=400,
                 ) from None
-        return given, real
