@@ -14,7 +14,8 @@ Imports: the standard library, `errors`, `settings` (pydantic, for the defaults'
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -149,6 +150,9 @@ class LipsyncTask:
     avatar: AvatarSummary | None = None
     """The avatar `request.avatar_id` names, as found by the check."""
     job_id: str | None = None
+    warnings: tuple[str, ...] = ()
+    """What the lip-sync will change unasked (odd size cropped, fps resampled, audio re-encoded,
+    video cycled), as found by the check (`media.adjustments`): the result carries them."""
 
 
 @dataclass(frozen=True)
@@ -187,6 +191,11 @@ class LipsyncResult:
     avatar_id: str | None = None
     """The prepared video this output was made from: name it in later requests to skip preparing."""
     warnings: list[str] = field(default_factory=list)
+    """What the service changed unasked (the task's warnings), one sentence each."""
+
+    def with_warnings(self, warnings: Sequence[str]) -> LipsyncResult:
+        """This result with `warnings` (the checked task's) ahead of its own."""
+        return replace(self, warnings=[*warnings, *self.warnings])
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

@@ -21,6 +21,7 @@ the pipeline opens the file; roots should not be writable by untrusted parties.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,6 +29,8 @@ from pathlib import Path
 from musetalk_service.errors import InputError, InputFileNotFound, OutputNotWritable, ServiceError
 
 _SHOWN_CHARS = 200
+_NAME_MAX, _PATH_MAX = 255, 4096
+"""Linux's limits on a file name and a whole path, in bytes (what ENAMETOOLONG means)."""
 
 
 class PathNotAllowed(ServiceError):
@@ -64,6 +67,7 @@ class PathPolicy:
         given, real = self._resolve(path, field)
         if self.input_roots and not _under(real, self.input_roots):
             raise PathNotAllowed(f"{field}: {_show(given)} is outside the allowed input folders (input_roots)")
+        self._check_length(real, field)
         if not real.exists():
             raise InputFileNotFound(f"{field}: file not found: {_show(given)}")
         if not real.is_file():
@@ -79,6 +83,7 @@ class PathPolicy:
             raise OutputNotWritable(f"{field}: {_show(given)} names a folder; give a file path such as out.mp4")
         if self.output_roots and not _under(real, self.output_roots):
             raise PathNotAllowed(f"{field}: {_show(given)} is outside the allowed output folders (output_roots)")
+        self._check_length(real, field)
         if real.is_dir():
             raise OutputNotWritable(f"{field}: {_show(given)} is a folder; give a file path such as out.mp4")
         if real.exists() and not real.is_file():
@@ -97,7 +102,23 @@ class PathPolicy:
         if "\x00" in given:
             raise InputError(f"{field}: the path contains a NUL character", code="invalid_path", status=400)
         try:
+            os.fsencode(given)
+        except UnicodeEncodeError:
+            raise InputError(f"{field}: the path is not valid text (a lone UTF-16 surrogate)", code="invalid_path", status=400) from None
+        try:
             real = Path(os.path.realpath(given))
         except (OSError, ValueError):
             raise PathNotAllowed(f"{field}: {_show(given)} cannot be resolved") from None
         return given, real
+
+    @staticmethod
+    def _check_length(real: Path, field: str) -> None:
+        """Path.exists() and is_dir() raise on a name the filesystem can't hold: refuse it first."""
+        try:
+            os.lstat(real)
+        except OSError as e:
+            if e.errno == errno.ENAMETOOLONG:
+                raise InputError(
+                    f"{field}: the path is too long for the filesystem (at most {_NAME_MAX} bytes a name, "
+                    f"{_PATH_MAX} in all)", code="invalid_path", status=400,
+                ) from None

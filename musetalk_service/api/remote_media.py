@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from musetalk_service.errors import Cancelled, InputError, InvalidOption, ServiceError
-from musetalk_service.contract import LipsyncRequest, LipsyncResult
+from musetalk_service.contract import LipsyncRequest, LipsyncResult, LipsyncTask
 from musetalk_service.settings import UrlSettings
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,8 @@ def check_url(url: str, field: str, settings: UrlSettings) -> str:
     try:
         parts = urlsplit(url)
         _ = parts.port  # raises ValueError on a malformed port
-    except ValueError:
+        httpx.URL(url)  # what the job will send it with: control characters, over-long URLs...
+    except (ValueError, httpx.InvalidURL):
         raise InvalidOption(f"{field}: not a valid URL", code="invalid_url") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidOption(f"{field}: needs an http:// or https:// URL with a host", code="invalid_url")
@@ -255,12 +256,13 @@ def fetch_and_run(
     folder: Path,
     max_bytes: int,
     settings: UrlSettings,
-    check: Callable[[LipsyncRequest, dict[str, Any] | None], None],
+    check: Callable[[LipsyncRequest, dict[str, Any] | None], LipsyncTask],
     progress: ProgressFn | None = None,
     cancel: threading.Event | None = None,
 ) -> LipsyncResult | UploadedResult:
     """The job step of a `UrlTask`: fetch its media into `folder` (created here, removed at the
-    end), `check` them (the probe limits), `run` the lip-sync, PUT the output to `output_url`."""
+    end), `check` them (the probe limits; the result gets the check's warnings), `run` the
+    lip-sync, PUT the output to `output_url`."""
     urls = task.urls
     folder.mkdir(parents=True)
     try:
@@ -277,8 +279,8 @@ def fetch_and_run(
         if urls.output_url is not None and task.auto_output:
             fetched["output_path"] = folder / "output.mp4"
         request = dataclasses.replace(request, **fetched)
-        check(request, task.avatar)
-        result = run(request, progress, cancel)
+        checked = check(request, task.avatar)
+        result = run(request, progress, cancel).with_warnings(checked.warnings)
         if urls.output_url is None:
             return result
         if progress is not None:

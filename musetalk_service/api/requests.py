@@ -10,6 +10,8 @@ import dataclasses
 import json
 import math
 import uuid
+from collections.abc import Iterable
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +25,11 @@ from musetalk_service.api.schemas import AvatarBody, LipsyncBody
 from musetalk_service.api.service import Service
 from musetalk_service.api.uploads import ReceivedForm
 from musetalk_service.contract import is_avatar_id
-from musetalk_service.errors import AvatarNotFound, InvalidOption
-from musetalk_service.media.probe import probe_audio, probe_video
-from musetalk_service.contract import LipsyncRequest
+from musetalk_service.errors import AvatarNotFound, BadAudio, InvalidOption
+from musetalk_service.media.adjustments import output_warnings, source_frames_at
+from musetalk_service.media.probe import VideoInfo, probe_audio, probe_video
+from musetalk_service.media.rates import output_rate
+from musetalk_service.contract import AvatarSummary, LipsyncRequest, LipsyncTask
 from musetalk_service.settings import LimitSettings, Settings
 
 MAX_JSON_BYTES = 64 * 1024
@@ -33,6 +37,7 @@ MIN_SIDE = 32
 """Smallest frame side worth trying: a face in fewer pixels is not one the models can use."""
 _URL_FIELDS = ("video_url", "audio_url", "output_url", "callback_url")
 _STRING_FIELDS = {"video_path", "audio_path", "output_path", "avatar_id", "parsing_mode", *_URL_FIELDS}
+_NOT_OPTIONS = {"video_path", "audio_path", "output_path", "avatar_id", *_URL_FIELDS}
 _PREP_FIELDS = ("face_box", "fps", "bbox_shift", "extra_margin", "parsing_mode", "left_cheek_width", "right_cheek_width", "mask_every")
 
 
@@ -111,8 +116,8 @@ def body_from_form(
 # --- checked requests ---------------------------------------------------------------------------------
 
 
-def checked_request(service: Service, body: LipsyncBody, uploaded: frozenset[str]) -> LipsyncRequest | UrlTask:
-    """A lip-sync body as a request whose paths, avatar and media limits are checked (blocking: probes).
+def checked_request(service: Service, body: LipsyncBody, uploaded: frozenset[str]) -> LipsyncTask | UrlTask:
+    """A lip-sync body as a task whose paths, avatar and media limits are checked (blocking: probes).
 
     With URL fields it is a `UrlTask`: the URLs are checked now, the media they name when the job
     has fetched them (api/remote_media.py)."""
@@ -127,8 +132,7 @@ def checked_request(service: Service, body: LipsyncBody, uploaded: frozenset[str
     request = prepare_request(body, service.settings, service.paths, uploaded=uploaded | fetched.keys())
     avatar = find_avatar(service.pipeline, body.avatar_id) if body.avatar_id is not None else None
     if not urls:
-        check_limits(request, service.settings, avatar)
-        return request
+        return check_limits(request, service.settings, avatar)
     if not fetched:
         check_limits(request, service.settings, avatar)
     return UrlTask(request, urls, avatar=avatar, auto_output=body.output_path is None)
@@ -137,11 +141,11 @@ def checked_request(service: Service, body: LipsyncBody, uploaded: frozenset[str
 def checked_avatar_request(service: Service, body: AvatarBody, uploaded: frozenset[str]) -> LipsyncRequest:
     """An avatar body as a request (video and preparation options only), its video checked (blocking: probes)."""
     video = _input_path(service.paths, body.video_path, "video_path", trusted="video_path" in uploaded)
-    options = body.model_dump(include=set(_PREP_FIELDS))
-    request = _request(service.settings, video=video, audio=Path(), output=Path(), options=options)
+    request = _request(service.settings, video=video, audio=Path(), output=Path(), options=_options(body, _PREP_FIELDS))
     info = probe_video(video)
     _check_video(info, service.settings.limits, None if request.face_box else service.settings.face.detect_max_side)
     check_face_box(request, info)
+    _frames_at(info, output_rate(request.fps, info.fps))
     return request
 
 
@@ -191,8 +195,19 @@ def prepare_request(
         stem = _safe_stem(Path(body.video_path).stem if body.video_path else f"avatar-{body.avatar_id[:8]}")
         name = f"{stem}_{_safe_stem(audio.stem)}_{uuid.uuid4().hex[:8]}.mp4"
         output = paths.check_output(settings.output_dir / name, "output_path")
-    options = body.model_dump(exclude={"video_path", "audio_path", "output_path", "avatar_id", *_URL_FIELDS})
-    return _request(settings, video=video, audio=audio, output=output, options=options, avatar_id=body.avatar_id)
+    option_fields = [name for name in LipsyncBody.model_fields if name not in _NOT_OPTIONS]
+    return _request(settings, video=video, audio=audio, output=output, options=_options(body, option_fields), avatar_id=body.avatar_id)
+
+
+def _options(body: LipsyncBody | AvatarBody, names: Iterable[str]) -> dict[str, Any]:
+    """The body's option values as validated (`face_box` a tuple, `fps` a Fraction), not as
+    `model_dump` serializes them (a Fraction as the string "3/2"). An fps sent as a number with a
+    fraction stays that float: the engine snaps it by the same rule (`media.rates.exact_rate`), and
+    the check can warn when the snap changed it."""
+    options = {name: getattr(body, name) for name in names}
+    if "fps" in options and body.fps_number is not None:
+        options["fps"] = body.fps_number
+    return options
 
 
 def _request(settings: Settings, *, video, audio, output, options: dict, avatar_id: str | None = None) -> LipsyncRequest:
@@ -218,20 +233,26 @@ def _safe_stem(stem: str) -> str:
 # --- limits --------------------------------------------------------------------------------------------
 
 
-def check_limits(request: LipsyncRequest, settings: Settings, avatar: dict | None = None) -> None:
-    """Probe both media and hold them to `settings.limits` (422 with a code naming the limit).
+def check_limits(request: LipsyncRequest, settings: Settings, avatar: dict | None = None) -> LipsyncTask:
+    """Probe both media and hold them to `settings.limits` (422 with a code naming the limit): the
+    checked task, its `warnings` saying what the lip-sync will change unasked (media/adjustments.py).
 
     The probe also fails a file that is not usable media, before it waits in the queue.
     """
     limits = settings.limits
-    if avatar is not None:
-        fps = _fraction(avatar["fps"])
-        _check_size(int(avatar["width"]), int(avatar["height"]), limits)
+    summary = avatar_record(avatar) if avatar is not None else None
+    if summary is not None:
+        if not summary.video.is_file():
+            raise AvatarNotFound(f"avatar_id: the video of avatar {summary.avatar_id} is gone; prepare it again")
+        video = probe_video(summary.video)
+        _check_size(summary.width, summary.height, limits)
+        fps, source_frames = summary.fps, summary.frame_count
     else:
         video = probe_video(request.video_path)
         _check_video(video, limits, None if request.face_box else settings.face.detect_max_side)
-        fps = request.fps or float(video.fps)
         check_face_box(request, video)
+        fps = output_rate(request.fps, video.fps)
+        source_frames = _frames_at(video, fps)
     audio = probe_audio(request.audio_path)
     if audio.duration_s > limits.max_audio_seconds:
         raise LimitExceeded(
@@ -239,13 +260,39 @@ def check_limits(request: LipsyncRequest, settings: Settings, avatar: dict | Non
             "(limits.max_audio_seconds)",
             code="audio_too_long",
         )
-    frames = math.floor(audio.duration_s * float(fps))
+    frames = math.floor(audio.duration_s * fps)
+    if frames < 1:
+        raise BadAudio(
+            f"audio_path: the audio lasts {audio.duration_s:.3f} s, shorter than one video frame at {float(fps):g} fps"
+        )
     if frames > limits.max_frames:
         raise LimitExceeded(
             f"the output would have {frames} frames ({audio.duration_s:.1f} s at {float(fps):g} fps), over the "
             f"limit of {limits.max_frames} (limits.max_frames); send shorter audio or a lower fps",
             code="too_many_frames",
         )
+    warnings = output_warnings(
+        width=video.width, height=video.height, source_fps=video.fps, source_frames=source_frames, fps=fps, audio=audio,
+        fps_given=request.fps if isinstance(request.fps, float) else None, still=video.is_image,
+    )  # fmt: skip
+    return LipsyncTask(request, video, audio, avatar=summary, warnings=tuple(warnings))
+
+
+def _frames_at(video: VideoInfo, fps: Fraction) -> int:
+    """The video's frames at `fps`; 400 when that gives none (too low an fps for so short a video)."""
+    frames = source_frames_at(video.duration_s, video.frame_count, video.fps, fps)
+    if frames < 1:
+        raise InvalidOption(
+            f"fps: the {video.duration_s:.3f} s video has no frame at {float(fps):g} fps; "
+            f"ask for at least {math.ceil(0.5 / video.duration_s):g} fps"
+        )
+    return frames
+
+
+def avatar_record(row: dict[str, Any]) -> AvatarSummary:
+    """A prepared avatar's summary row (the cache's listing) as the contract's record."""
+    fields = {k: v for k, v in row.items() if k != "key"}
+    return AvatarSummary(**{**fields, "avatar_id": row["key"], "video": Path(row["video"]), "fps": Fraction(row["fps"])})
 
 
 def check_face_box(request: LipsyncRequest, video: Any) -> None:
@@ -283,8 +330,3 @@ def _check_size(width: int, height: int, limits: LimitSettings, detect_max_side:
             "(limits.max_pixels); scale the video down",
             code="resolution_too_large",
         )
-
-
-def _fraction(text: str) -> float:
-    num, _, den = str(text).partition("/")
-    return float(num) / float(den or 1)

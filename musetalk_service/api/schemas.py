@@ -5,7 +5,18 @@
 from fractions import Fraction
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeInt, WithJsonSchema, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    NonNegativeInt,
+    PrivateAttr,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from musetalk_service.media.rates import MAX_FPS, MIN_FPS, parse_fps
@@ -16,13 +27,24 @@ MIN_BOX_SIDE = 2
 """The smallest longer side a `face_box` may have (the blend square around it needs a half-side of 1 px)."""
 
 
+def _not_a_bool(value: object) -> object:
+    """JSON `true`/`false` are not numbers (pydantic's lax int would take them as 1 and 0)."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("bool_not_number", "must be a number, not true or false")
+    return value
+
+
+_Count = Annotated[NonNegativeInt, BeforeValidator(_not_a_bool)]
+
+
 def _option(name: str, description: str | None = None) -> Any:
     """An optional per-request option with the type and range of `LipsyncDefaults.<name>`.
 
     The ranges live once, in settings: a request may not set what the config file may not.
     """
     field = LipsyncDefaults.model_fields[name]
-    ranged = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+    checks = (*field.metadata, BeforeValidator(_not_a_bool)) if field.annotation is int else field.metadata
+    ranged = Annotated[(field.annotation, *checks)] if checks else field.annotation
     text = description or field.description
     return Annotated[ranged | None, Field(description=f"{text} Unset: the configured default (`lipsync.{name}`).")]
 
@@ -38,7 +60,7 @@ class _PrepOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    face_box: tuple[NonNegativeInt, NonNegativeInt, NonNegativeInt, NonNegativeInt] | None = Field(
+    face_box: tuple[_Count, _Count, _Count, _Count] | None = Field(
         None,
         description="`[x1, y1, x2, y2]` in source-frame pixels (x2, y2 exclusive): use this face box "
         "on every frame and skip face detection.",
@@ -65,6 +87,22 @@ class _PrepOptions(BaseModel):
     left_cheek_width: _option("left_cheek_width", _CHEEK.format(side="left")) = None
     right_cheek_width: _option("right_cheek_width", _CHEEK.format(side="right")) = None
     mask_every: _option("mask_every") = None
+
+    _fps_number: float | None = PrivateAttr(None)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_fps_number(cls, data: Any, handler: ModelWrapValidatorHandler["_PrepOptions"]) -> "_PrepOptions":
+        body = handler(data)
+        given = data.get("fps") if isinstance(data, dict) else None
+        if isinstance(given, float):
+            body._fps_number = given
+        return body
+
+    @property
+    def fps_number(self) -> float | None:
+        """`fps` as sent when it was a number with a fraction: `fps` is its snap (a result warning says so if they differ)."""
+        return self._fps_number
 
     @field_validator("face_box")
     @classmethod

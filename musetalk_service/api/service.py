@@ -41,7 +41,7 @@ from musetalk_service.api.metrics import ServiceMetrics
 from musetalk_service.api.paths import PathPolicy
 from musetalk_service.api.remote_media import UrlTask, fetch_and_run
 from musetalk_service.errors import FFmpegError, ServiceError
-from musetalk_service.contract import LipsyncRequest
+from musetalk_service.contract import LipsyncRequest, LipsyncTask
 from musetalk_service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ class Service:
         self._cache_seen = {"hits": 0, "misses": 0}
         self._cache_lock = threading.Lock()
         self.callbacks = CallbackSender(settings.urls)
-        self.check_limits: Callable[[LipsyncRequest, dict[str, Any] | None], None] | None = None
+        self.check_limits: Callable[[LipsyncRequest, dict[str, Any] | None], LipsyncTask] | None = None
         """Holds fetched media to the limits (api/requests.py's check, set by `create_app`)."""
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -296,7 +296,7 @@ class Service:
     # -- jobs ----------------------------------------------------------------------------------------
 
     def submit(self, request: object, files: JobFiles) -> Job:
-        """Queue `request` (a LipsyncRequest or an AvatarTask) owning `files`; on refusal the files go."""
+        """Queue `request` (a LipsyncTask, UrlTask, LipsyncRequest or AvatarTask) owning `files`; on refusal the files go."""
         assert self.jobs is not None
         self.require_loaded()
         with self._files_lock:
@@ -315,6 +315,8 @@ class Service:
                 return self._prepare_avatar(pipeline, request, cancel)
             if isinstance(request, UrlTask):
                 return self._run_url_task(pipeline, request, progress, cancel)
+            if isinstance(request, LipsyncTask):
+                return pipeline.run(request.request, progress, cancel).with_warnings(request.warnings)
             return pipeline.run(request, progress, cancel)
         except OSError as e:
             if e.errno == errno.ENOSPC:

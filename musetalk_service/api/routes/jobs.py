@@ -13,7 +13,6 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from musetalk_service.api.errors import error_response
 from musetalk_service.api.jobs import Job, JobNotFound, JobStatus
-from musetalk_service.api.remote_media import UrlTask
 from musetalk_service.api.requests import checked_request
 from musetalk_service.api.routes.common import LIPSYNC_FILES, SUBMIT_ERRORS, body_doc, error_docs, get_service, raise_failure, read_body, wait_for
 from musetalk_service.api.schemas import JobAccepted, JobResponse, LipsyncBody, LipsyncResponse
@@ -96,7 +95,7 @@ async def _submit_lipsync(service: Service, http: Request) -> Job:
         body, uploaded, _ = await read_body(http, service, files, LipsyncBody, LIPSYNC_FILES)
         request = await anyio.to_thread.run_sync(checked_request, service, body, uploaded)
         if body.output_path is None:
-            files.auto_output = request.request.output_path if isinstance(request, UrlTask) else request.output_path
+            files.auto_output = request.request.output_path
     except BaseException:
         if files.upload_dir is not None:
             shutil.rmtree(files.upload_dir, ignore_errors=True)
