@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import pydantic
 
+from musetalk_service.benchmark import EXTRA_RUNS, RUNS
 from musetalk_service.errors import ServiceError, WeightsError
 from musetalk_service.media.rates import parse_fps
 from musetalk_service.settings import LipsyncDefaults, Settings, load_settings
@@ -269,8 +270,9 @@ def _bench(args: argparse.Namespace) -> int:
         else:
             with tempfile.TemporaryDirectory(prefix="musetalk-bench-", dir=settings.work_dir) as work:
                 report = run_lipsync_bench(
-                    settings, Path(work), seconds=args.seconds, video_seconds=args.video_seconds, size=size, fps=args.fps
-                )
+                    settings, Path(work), seconds=args.seconds, video_seconds=args.video_seconds, size=size, fps=args.fps,
+                    runs=args.runs, checkpoint=_report_writer(args.out),
+                )  # fmt: skip
             print(render_table(report))
     except ServiceError as e:
         _error(f"[{e.code}] {e.message}")
@@ -409,6 +411,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--video-seconds", type=float, help="video length (default: the audio's)")
     bench.add_argument("--size", type=int, nargs=2, default=(1920, 1080), metavar=("W", "H"), help="frame size (default: 1920 1080)")
     bench.add_argument("--fps", type=int, default=25, help="frame rate (default: 25)")
+    bench.add_argument(
+        "--runs", type=_bench_runs, default=RUNS,
+        help=f"comma-separated runs (default: {','.join(RUNS)}; also {','.join(EXTRA_RUNS)})",
+    )  # fmt: skip
     bench.add_argument("--faces", action="store_true", help="benchmark the face phase only (per-frame vs tracked, box stability)")
     bench.add_argument("--out", type=Path, help="also write the report as JSON here")
 
@@ -417,6 +423,22 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", help="output MP4 (default: output_dir/demo.mp4)")
     demo.add_argument("--seconds", type=float, default=3.0, help="length of the clip (default: 3)")
     return parser
+
+
+def _report_writer(path: Path | None) -> Callable[[dict], None] | None:
+    """Writes the bench's report to `path` as it grows (a bench cut off keeps its finished runs)."""
+    if path is None:
+        return None
+    return lambda report: path.write_text(json.dumps(report, indent=2))
+
+
+def _bench_runs(text: str) -> tuple[str, ...]:
+    """`--runs`: comma-separated names of the bench's runs (argparse: exit 2 naming the unknown ones)."""
+    runs = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in runs if name not in RUNS + EXTRA_RUNS]
+    if unknown or not runs:
+        raise argparse.ArgumentTypeError(f"unknown runs {unknown}: choose from {', '.join(RUNS + EXTRA_RUNS)}")
+    return runs
 
 
 def _fps_flag(text: str) -> Fraction:

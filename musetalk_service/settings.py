@@ -35,6 +35,13 @@ class EncodeSettings(BaseModel):
     # a warm request on a GPU host without NVENC (docs/benchmarks.md, session 6).
     x264_preset: str = "superfast"
     x264_crf: int = Field(22, ge=0, le=51)
+    profile: Literal["standard", "intermediate"] = Field(
+        "standard",
+        description="standard: libx264 at x264_preset. intermediate, for platforms that re-encode the output "
+        "anyway: libx264 at intermediate_x264_preset, same crf (the quality is kept, the file is larger; "
+        "docs/benchmarks.md has its size and speed). NVENC is the same in both.",
+    )
+    intermediate_x264_preset: str = Field("ultrafast", description="libx264's preset under profile: intermediate.")
     ffmpeg_path: str | None = Field(
         None, description="ffmpeg binary; unset: ffmpeg on PATH, else the one imageio-ffmpeg ships."
     )

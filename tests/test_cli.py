@@ -182,7 +182,8 @@ def test_serve_with_malformed_weights_stops_with_the_reason(tiny_models_dir, tmp
 
 
 def test_bench_runs_the_real_pipeline_and_writes_its_report(tiny_models_dir, tmp_path):
-    """A small bench on the tiny weights: cold, warm (avatar reused), face_box and silence30 runs, JSON written."""
+    """A small bench on the tiny weights: cold, warm (avatar reused), face_box, silence30 and
+    warm_intermediate runs, its ceilings measured and each run read against them, JSON written."""
     import json
     import subprocess
     import sys
@@ -190,12 +191,13 @@ def test_bench_runs_the_real_pipeline_and_writes_its_report(tiny_models_dir, tmp
     out = tmp_path / "bench.json"
     done = subprocess.run(
         [sys.executable, "-m", "musetalk_service", "bench", "--models", str(tiny_models_dir), "--device", "cpu",
-         "--seconds", "0.4", "--size", "160", "128", "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
+         "--seconds", "0.4", "--size", "160", "128", "--out", str(out),
+         "--runs", "cold,warm,face_box,silence30,warm_intermediate"],
+        capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert set(report["runs"]) == {"cold", "warm", "face_box", "silence30"}
+    assert set(report["runs"]) == {"cold", "warm", "face_box", "silence30", "warm_intermediate"}
     assert all(report["runs"][name]["frames"] == 10 for name in ("cold", "warm", "face_box"))
     silent = report["runs"]["silence30"]  # its own track, 30 % silence: every frame generated or passed through
     assert silent["frames"] > 0 and silent["frames_generated"] + silent["frames_silent"] <= silent["frames"]
@@ -209,3 +211,32 @@ def test_bench_runs_the_real_pipeline_and_writes_its_report(tiny_models_dir, tmp
         assert run["verdict"]["bound_by"] and "gpu_held_met" not in run["verdict"], run
     assert report["runs"]["cold"]["verdict"]["target_fps"] == 150 and "face_box" in done.stdout
     assert done.stdout.count("bound by the ") == len(report["runs"])
+
+    # The ceilings: the encoders fed from memory (per encode profile run), the networks alone.
+    ceilings = report["ceilings"]
+    assert set(ceilings["encode"]) == {"standard", "intermediate"}
+    standard, intermediate = ceilings["encode"]["standard"], ceilings["encode"]["intermediate"]
+    assert standard["args"] == "-preset superfast -crf 22" and intermediate["args"] == "-preset ultrafast -crf 22"
+    assert standard["pix_fmt"] == "bgr24" and standard["size"] == "160x128"  # the numpy compose path's pipe
+    for encode in (standard, intermediate):
+        assert encode["fps"] > 0 and encode["fps"] == max(m["fps"] for m in encode["by_encoders"].values())
+    gpu = ceilings["gpu"]
+    assert gpu["device"] == "cpu" and gpu["generator"]["batch"] == 16 and gpu["vae_encoder"]["batch"] == 32
+    assert all(gpu[part]["ms_per_frame"] > 0 and gpu[part]["fps"] > 0 for part in ("generator", "vae_encoder", "face_phase"))
+    for name, run in report["runs"].items():
+        ceiling = run["ceiling"]
+        assert ceiling["encode_fps"] == ceilings["encode"][run["encode_profile"]]["fps"], name
+        lowest = ceiling["encode_fps"] if ceiling["gpu_fps"] is None else min(ceiling["encode_fps"], ceiling["gpu_fps"])
+        assert ceiling["fps"] == lowest > 0, name
+        assert run["fps_over_ceiling"] == round(run["output_fps"] / ceiling["fps"], 3), name
+        assert run["verdict"]["fps_over_ceiling"] == run["fps_over_ceiling"], name
+        cpu = run["cpu"]
+        assert cpu["core_ms_per_frame"] == pytest.approx(cpu["process_core_ms_per_frame"] + cpu["ffmpeg_core_ms_per_frame"], abs=0.02)
+        assert cpu["process_core_ms_per_frame"] > 0 and cpu["ffmpeg_core_ms_per_frame"] > 0 and cpu["host_core_ms_per_frame"] > 0, name
+        assert cpu["stage_busy_ms_per_frame"]["GPU thread (vae_encode + unet)"] > 0, name
+        assert 0 < run["gpu_thread_busy_share"] <= 1 and run["gpu_utilization_nvml"] is None, name  # a CPU run
+    warm, cold = report["runs"]["warm"], report["runs"]["cold"]
+    assert warm["encode_profile"] == "standard" and report["runs"]["warm_intermediate"]["encoder_args"] == intermediate["args"]
+    # A new video's GPU work includes the VAE encoder and the face phase: a lower GPU ceiling.
+    assert cold["ceiling"]["gpu_fps"] < warm["ceiling"]["gpu_fps"]
+    assert "of its ceiling" in done.stdout and "encode ceiling (intermediate" in done.stdout

@@ -138,11 +138,10 @@ def _throughput(
         "per_frame": face.model_copy(update={"detector": "s3fd", "detect_every": 1}),
         "tracked": face.model_copy(update={"detector": "s3fd"}),
     }
-    fixed_face = _haar_face(next(talking_head_frames(1, fps, size))) if models.weights_kind == "random" else None
+    first = next(talking_head_frames(1, fps, size))
 
     def locator(mode: FaceSettings) -> FaceLocator:
-        finder = None if fixed_face is None else _FixedFaceS3fd(models, mode.detect_max_side, fixed_face)
-        return FaceLocator(models, request, mode, fps, finder=finder)
+        return tracked_locator(models, mode, request, fps, first)
 
     def sync() -> None:
         if models.device.type == "cuda":
@@ -174,6 +173,15 @@ def _throughput(
         }
     out["speedup"] = out["tracked"]["fps"] / out["per_frame"]["fps"]
     return out
+
+
+def tracked_locator(models: Any, face: FaceSettings, request: LipsyncRequest, fps: float | Fraction, first_frame: np.ndarray) -> FaceLocator:
+    """The face phase as a request runs it with `face`; with random weights and S3FD, its boxes
+    replaced by the face found in `first_frame` (see the module docstring)."""
+    finder = None
+    if models.weights_kind == "random" and face.detector == "s3fd":
+        finder = _FixedFaceS3fd(models, face.detect_max_side, _haar_face(first_frame))
+    return FaceLocator(models, request, face, fps, finder=finder)
 
 
 def _haar_available() -> bool:

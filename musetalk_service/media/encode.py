@@ -50,7 +50,8 @@ class EncoderChoice:
 
 
 def encoder_for(name: str, settings: EncodeSettings) -> EncoderChoice:
-    """The `EncoderChoice` for `name` ('h264_nvenc' or 'libx264') with the configured quality."""
+    """The `EncoderChoice` for `name` ('h264_nvenc' or 'libx264') with the configured quality
+    (libx264's preset by `settings.profile`: an intermediate file trades size for CPU)."""
     if name == "h264_nvenc":
         # -cq only governs quality in VBR mode with no bitrate cap; otherwise nvenc's 2 Mb/s
         # default target wins.
@@ -58,7 +59,8 @@ def encoder_for(name: str, settings: EncodeSettings) -> EncoderChoice:
             name, ("-preset", settings.nvenc_preset, "-rc", "vbr", "-cq", str(settings.nvenc_cq), "-b:v", "0")
         )
     if name == "libx264":
-        return EncoderChoice(name, ("-preset", settings.x264_preset, "-crf", str(settings.x264_crf)))
+        preset = settings.intermediate_x264_preset if settings.profile == "intermediate" else settings.x264_preset
+        return EncoderChoice(name, ("-preset", preset, "-crf", str(settings.x264_crf)))
     raise ValueError(f"unknown encoder {name!r}")
 
 

@@ -45,6 +45,34 @@ def test_explicit_libx264_honours_settings(ffmpeg_exe):
     assert choice.ffmpeg_args() == ["-c:v", "libx264", "-preset", "ultrafast", "-crf", "30"]
 
 
+def _x264_options(path) -> str:
+    """The options x264 wrote into the stream (its SEI message): what it really encoded with."""
+    data = path.read_bytes()
+    start = data.index(b"options: ")
+    return data[start : data.index(b"\x00", start)].decode("ascii", "replace")
+
+
+def test_the_intermediate_profile_encodes_at_its_faster_preset(ffmpeg_exe, tmp_path):
+    """encode.profile: intermediate swaps libx264's preset (ultrafast: no CABAC, no B-frames) and
+    keeps the crf; the standard profile keeps x264_preset. Both files are whole and valid."""
+    frames = _frames(30, 128, 96)
+    outputs = {}
+    for profile in ("standard", "intermediate"):
+        settings = EncodeSettings(encoder="libx264", profile=profile)
+        choice = choose_encoder(settings, ffmpeg_exe)
+        preset = "ultrafast" if profile == "intermediate" else "superfast"
+        assert choice.args == ("-preset", preset, "-crf", "22")
+        outputs[profile] = encode_frames(tmp_path / f"{profile}.mp4", frames, Fraction(25), choice, ffmpeg_exe)
+        info = probe_video(outputs[profile])
+        assert count_video_frames(outputs[profile]) == info.frame_count == 30 and info.pix_fmt == "yuv420p"
+    standard, intermediate = (_x264_options(outputs[p]) for p in ("standard", "intermediate"))
+    assert "cabac=1" in standard and "cabac=0" in intermediate
+    assert "bframes=0" in intermediate and "bframes=0" not in standard
+    assert "crf=22.0" in standard and "crf=22.0" in intermediate
+    # Another preset for the intermediate profile is honoured too.
+    assert choose_encoder(EncodeSettings(encoder="libx264", profile="intermediate", intermediate_x264_preset="veryfast"), ffmpeg_exe).args[:2] == ("-preset", "veryfast")
+
+
 def test_no_usable_encoder(ffmpeg_exe):
     with pytest.raises(
         FFmpegError, match="no H.264 encoder can be used with .*h264_nvenc: .*; libx264: .*no-such-preset"
