@@ -186,7 +186,7 @@ class RaySettings(BaseModel):
     )
     cpus_per_replica: float = Field(4, gt=0, description="CPU cores each engine replica reserves: decode, blend and libx264 run on them.")
     ingress_cpus: float = Field(1, ge=0, description="CPU cores the HTTP ingress reserves (it runs no model).")
-    app_name: str = Field("musetalk", min_length=1, description="The Serve application's name.")
+    app_name: str = Field("musetalk", min_length=1, description="The Serve application's name (`serve --ray`; a `serve run` config names its own).")
     health_check_period_s: float = Field(10, gt=0, description="How often Ray asks each replica's device a tiny op.")
     health_check_timeout_s: float = Field(30, gt=0, description="A replica whose device does not answer within this is replaced.")
 

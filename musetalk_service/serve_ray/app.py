@@ -36,8 +36,9 @@ class Ingress:
 
     def __init__(self, engine: DeploymentHandle, settings: dict[str, Any]):
         self.settings = Settings(**settings)
-        ray_settings = self.settings.ray
-        self.engine = RemoteEngine(engine, app_name=ray_settings.app_name, total=ray_settings.engine_replicas)
+        # The application's name as deployed (a `serve run` config names it, not the settings).
+        app_name = serve.get_replica_context().app_name
+        self.engine = RemoteEngine(engine, app_name=app_name, total=self.settings.ray.engine_replicas)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self.settings, self.engine, concurrency=self.settings.ray.engine_replicas)
