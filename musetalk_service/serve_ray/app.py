@@ -38,7 +38,7 @@ class Ingress:
         self.settings = Settings(**settings)
         # The application's name as deployed (a `serve run` config names it, not the settings).
         app_name = serve.get_replica_context().app_name
-        self.engine = RemoteEngine(engine, app_name=app_name, total=self.settings.ray.engine_replicas)
+        self.engine = RemoteEngine(engine, app_name=app_name, total=self.settings.ray.engine_replicas, work_dir=self.settings.work_dir)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self.settings, self.engine, concurrency=self.settings.ray.engine_replicas)

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -31,6 +33,8 @@ from ray.serve.handle import DeploymentHandle
 from musetalk_service.api.remote_media import UrlTask
 from musetalk_service.contract import LipsyncRequest
 from musetalk_service.errors import Cancelled, ServiceError
+from musetalk_service.media.mux import partial_outputs
+from musetalk_service.serve_ray.replica import replica_work_dir
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +92,9 @@ class PreparedAvatar:
 class RemoteEngine:
     """The engine replicas of one Serve application, as one engine (see the module doc)."""
 
-    def __init__(self, handle: DeploymentHandle, *, app_name: str, total: int):
+    def __init__(self, handle: DeploymentHandle, *, app_name: str, total: int, work_dir: Path | None):
         self._handle = handle
+        self._work_dir = work_dir
         self._app_name = app_name
         self._deployment = handle.deployment_name
         self._total = total
@@ -117,7 +122,7 @@ class RemoteEngine:
         finished = threading.Event()
         if cancel is not None:
             threading.Thread(target=self._cancel_on, args=(cancel, finished, stream), name="musetalk-ray-cancel", daemon=True).start()
-        replica = "?"
+        replica: str | None = None
         try:
             for event in stream:
                 kind = event[0]
@@ -130,19 +135,30 @@ class RemoteEngine:
                     raise event[1]
                 else:
                     return ReplicaResult(event[1], replica)
-            raise EngineLost(f"engine replica {replica} ended the job without a result")
+            raise EngineLost(f"engine replica {replica or '(unknown)'} ended the job without a result")
         except (RequestCancelledError, TaskCancelledError) as e:
             raise Cancelled("the job was cancelled") from e
         except RayActorError as e:
             if cancel is not None and cancel.is_set():
                 raise Cancelled("the job was cancelled") from e
             log.error("engine replica %s died during a %s job: %s", replica, method, e)
+            self._remove_leftovers(replica, payload)
             raise EngineLost(
-                f"the engine replica running the job ({replica}) died; nothing was written to the output. "
+                f"the engine replica running the job ({replica or 'not yet known'}) died; no output was written. "
                 "Ray Serve replaces it: retry the request"
             ) from e
         finally:
             finished.set()
+
+    def _remove_leftovers(self, replica: str | None, payload: Any) -> None:
+        """What a replica that died mid-job left, where this host sees its disk: its work folder
+        (temp files, fetched media) and a half-muxed output next to the job's output path."""
+        if replica is not None:
+            shutil.rmtree(replica_work_dir(self._work_dir, replica), ignore_errors=True)
+        request = payload.request if isinstance(payload, UrlTask) else payload
+        if request.output_path is not None:
+            for part in partial_outputs(request.output_path):
+                part.unlink(missing_ok=True)
 
     @staticmethod
     def _cancel_on(cancel: threading.Event, finished: threading.Event, stream: Any) -> None:

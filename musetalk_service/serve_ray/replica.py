@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import shutil
 import tempfile
 import threading
 import uuid
@@ -45,6 +46,14 @@ ENGINE_CALLS = 4
 first: the ingress runs one job per replica, so that happens only where affinity picks a busy
 replica that holds the avatar over an idle one that would have to load it."""
 
+REPLICA_WORK_PREFIX = "musetalk-replica-"
+
+
+def replica_work_dir(work_dir: Path | None, replica_id: str) -> Path:
+    """The work folder of one engine replica, under the configured work folder (or the temp dir)."""
+    return Path(work_dir if work_dir is not None else tempfile.gettempdir()) / f"{REPLICA_WORK_PREFIX}{replica_id}"
+
+
 Progress = Callable[[str, int, int], None]
 JobEvent = tuple[Any, ...]
 
@@ -55,14 +64,22 @@ class EngineReplica:
     def __init__(self, settings: dict[str, Any]):
         from musetalk_service.pipeline.runner import LipsyncPipeline  # torch: only in engine replicas
 
-        self.settings = Settings(**settings)
-        self.engine = LipsyncPipeline.load(self.settings)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self.work_root = Path(self.settings.work_dir) if self.settings.work_dir is not None else Path(tempfile.gettempdir())
+        given = Settings(**settings)
+        # A folder of its own for the engine's temp files and fetched media: if the replica dies,
+        # the ingress removes it (where the disk is shared) without knowing what was in it.
+        self.work_root = replica_work_dir(given.work_dir, self.replica_id)
+        self.work_root.mkdir(parents=True, exist_ok=True)
+        self.settings = given.model_copy(update={"work_dir": self.work_root})
+        self.engine = LipsyncPipeline.load(self.settings)
         # The engine runs one job at a time (as in one process); lookups and the health check
         # run beside it (the deployment takes a few calls at once: `ENGINE_CALLS`).
         self._one_job = asyncio.Lock()
         self._threads = concurrent.futures.ThreadPoolExecutor(max_workers=ENGINE_CALLS, thread_name_prefix="musetalk-engine")
+
+    def __del__(self) -> None:
+        # Ray Serve calls this when it stops the replica (the running job has finished or stopped).
+        shutil.rmtree(self.work_root, ignore_errors=True)
 
     # -- jobs ----------------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ One deployment serves the module (starting Ray and two replicas is the slow part
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,8 +19,10 @@ import pytest
 import ray
 from ray import serve
 
+from musetalk_service.media.mux import partial_outputs
 from musetalk_service.media.probe import probe_video
 from musetalk_service.serve_ray.app import ENGINE, build
+from musetalk_service.serve_ray.replica import replica_work_dir
 from musetalk_service.settings import CacheSettings, Settings, UrlSettings
 from tests.api.conftest import SMALL_FACE_BOX
 from tests.api.helpers import assert_error, wait_job, wait_until
@@ -48,18 +51,22 @@ def mode_settings(tmp: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ray_app(tiny_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+def ray_work_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ray-work")
+
+
+@pytest.fixture(scope="module")
+def ray_app(tiny_settings: Settings, ray_work_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
     """A local Ray cluster (2 CPUs) running the application: 2 engine replicas on CPU, its HTTP
     proxy on a free loopback port. Stopped, with every Ray process, at the end of the module."""
     tmp = tmp_path_factory.mktemp("ray")
-    (tmp / "work").mkdir()
     changes = mode_settings(tmp)
     settings = tiny_settings.model_copy(
         update={
             **changes,
             "jobs": tiny_settings.jobs.model_copy(update=changes["jobs"]),
             "output_dir": tmp / "outputs",
-            "work_dir": tmp / "work",
+            "work_dir": ray_work_dir,
             "ray": tiny_settings.ray.model_copy(update={"engine_replicas": REPLICAS, "cpus_per_replica": 0.5, "ingress_cpus": 0.1}),
         }
     )
@@ -76,6 +83,7 @@ def ray_app(tiny_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -
     finally:
         serve.shutdown()
         ray.shutdown()
+    wait_until(lambda: not _ray_processes(), timeout=30, message="every Ray process ended")
 
 
 @pytest.fixture(params=["embedded", "ray"])
@@ -85,6 +93,33 @@ def mode(request: pytest.FixtureRequest, serve, tmp_path: Path) -> Iterator[Mode
         return
     with serve(**mode_settings(tmp_path)) as client:
         yield Mode("embedded", client, 1)
+
+
+def _ray_processes() -> list[str]:
+    """Command lines of this test process's descendants that are Ray's (GCS, raylet, workers)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):  # ended while listing
+                continue
+    mine, found = {os.getpid()}, []
+    changed = True
+    while changed:
+        changed = False
+        for pid, parent in parents.items():
+            if parent in mine and pid not in mine:
+                mine.add(pid)
+                changed = True
+    for pid in mine - {os.getpid()}:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "ray" in cmdline:
+            found.append(cmdline)
+    return found
 
 
 def _free_port() -> int:
@@ -217,12 +252,13 @@ def test_media_by_url_fetched_by_the_replica(ray_app, web_store, small_video, sh
     assert put.body[4:8] == b"ftyp"  # an MP4
 
 
-def test_replica_killed_mid_job(ray_app, small_video, long_audio, short_audio, tmp_path):
+def test_replica_killed_mid_job(ray_app, ray_work_dir, small_video, long_audio, short_audio, tmp_path):
     """Both replicas busy, one killed: its job fails with engine_lost (503), nothing written; the
     other job goes on, the next job runs, and Ray replaces the replica."""
     outputs = [tmp_path / f"kill-{n}.mp4" for n in range(REPLICAS)]
     jobs = [start_running(ray_app, lipsync_body(small_video, long_audio, output_path=str(out))) for out in outputs]
-    ray.kill(ray.get_actor(_replica_actors()[0], namespace="serve"), no_restart=True)
+    victim = _replica_actors()[0]
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
     wait_until(
         lambda: any(ray_app.get(f"/jobs/{job_id}").json()["status"] == "failed" for job_id in jobs), timeout=60,
         message="the killed replica's job failed",
@@ -231,6 +267,8 @@ def test_replica_killed_mid_job(ray_app, small_video, long_audio, short_audio, t
     [lost] = [v for v in views.values() if v["status"] == "failed"]
     assert lost["error"]["code"] == "engine_lost" and "died" in lost["error"]["message"], lost
     assert not outputs[jobs.index(lost["job_id"])].exists()
+    assert partial_outputs(outputs[jobs.index(lost["job_id"])]) == []
+    assert not replica_work_dir(ray_work_dir, victim.rsplit("#", 1)[1]).exists()  # its temp files removed
     [survivor] = [job_id for job_id, v in views.items() if v["status"] == "running"]
     assert cancel(ray_app, survivor)["status"] == "cancelled"
     assert ray_app.get("/ready").status_code == 200  # one replica is still ready
