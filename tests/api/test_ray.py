@@ -281,3 +281,10 @@ def _replica_actors() -> list[str]:
     """Names of the engine deployment's replica actors."""
     prefix = f"SERVE_REPLICA::{APP}#{ENGINE}#"
     return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+
+
+def test_serve_ray_refuses_zero_replicas(tiny_models_dir, capsys):
+    from musetalk_service.cli import EXIT_CANNOT_START, main
+
+    assert main(["serve", "--ray", "--replicas", "0", "--models", str(tiny_models_dir), "--device", "cpu"]) == EXIT_CANNOT_START
+    assert "--replicas must be at least 1" in capsys.readouterr().err
