@@ -5,6 +5,9 @@
 #     -v musetalk-compile:/root/.cache/musetalk-service musetalk-service
 # The second volume keeps torch.compile's kernels: the first start compiles for about 2 minutes,
 # later ones load them in seconds.
+# Ray Serve mode (README "Running on Ray Serve"), one engine replica per GPU:
+#   docker run --gpus all --shm-size=8g -p 8000:8000 -v $PWD/models:/app/models musetalk-service \
+#     musetalk-service serve --ray --host 0.0.0.0 --replicas 2
 FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
@@ -22,7 +25,8 @@ RUN pip install torch==2.13.0
 COPY pyproject.toml README.md ./
 COPY musetalk_service ./musetalk_service
 COPY configs ./configs
-RUN pip install -e .
+# With the ray extra, so the image runs either mode.
+RUN pip install -e '.[ray]'
 
 ENV MUSETALK_MODELS_DIR=/app/models MUSETALK_HOST=0.0.0.0 MUSETALK_PORT=8000
 EXPOSE 8000

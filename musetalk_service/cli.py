@@ -55,6 +55,13 @@ def _serve(args: argparse.Namespace) -> int:
     settings = _settings(args, host=args.host, port=args.port)
     if settings is None:
         return EXIT_CANNOT_START
+    if args.ray:
+        if args.replicas is not None:
+            if args.replicas < 1:
+                _error(f"--replicas must be at least 1, got {args.replicas}")
+                return EXIT_CANNOT_START
+            settings = settings.model_copy(update={"ray": settings.ray.model_copy(update={"engine_replicas": args.replicas})})
+        return _serve_ray(settings)
     import uvicorn
 
     from musetalk_service.api.app import ServiceServer, create_app
@@ -91,6 +98,46 @@ def _serve(args: argparse.Namespace) -> int:
     server = ServiceServer(config)
     server.run()
     return EXIT_CANNOT_START if failed or not server.started else 0
+
+
+def _serve_ray(settings: Settings) -> int:
+    """The Ray Serve application (serve_ray/app.py): joins the cluster at RAY_ADDRESS, else starts
+    one on this machine; serves until SIGTERM/SIGINT, then removes the application (the ingress
+    drains its job queue as `serve` does) and leaves the cluster."""
+    try:
+        import ray
+        from ray import serve
+
+        from musetalk_service.serve_ray.app import build
+    except ImportError as e:
+        _error(f"--ray needs Ray Serve ({e.name} is missing): pip install 'musetalk-service[ray]'")
+        return EXIT_CANNOT_START
+    import signal
+    import threading
+
+    from musetalk_service.nets.bundle import _require_files
+
+    joining = bool(os.environ.get("RAY_ADDRESS"))
+    if not joining:
+        # On one machine the replicas read this models folder: say what is missing before starting.
+        try:
+            _require_files(settings.models_dir, settings.face.detector)
+        except WeightsError as e:
+            _error(f"cannot start: {e.message}")
+            return EXIT_CANNOT_START
+    ray.init()  # RAY_ADDRESS, else a cluster started here with `ray start`, else a new local one
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        serve.run(build(settings), name=settings.ray.app_name, route_prefix="/", blocking=False)
+        print(f"serving on http://{settings.host}:{settings.port} (Ray Serve application {settings.ray.app_name!r})", flush=True)
+        stop.wait()
+        serve.delete(settings.ray.app_name)
+    finally:
+        ray.shutdown()
+    return 0
 
 
 # --- run ---------------------------------------------------------------------------------------
@@ -376,6 +423,11 @@ def _parser() -> argparse.ArgumentParser:
     settings_flags(serve)
     serve.add_argument("--host", help="address to listen on (default: settings host)")
     serve.add_argument("--port", type=int, help="port to listen on (default: settings port)")
+    serve.add_argument(
+        "--ray", action="store_true",
+        help="serve as a Ray Serve application (pip install 'musetalk-service[ray]'): joins RAY_ADDRESS, else starts a cluster here",
+    )
+    serve.add_argument("--replicas", type=int, help="with --ray: engine replicas, one per GPU (default: settings ray.engine_replicas)")
 
     run = command("run", _run, "Lip-sync one video to one speech track from the shell.")
     run.add_argument("--video", required=True, help="talking-head video")

@@ -184,6 +184,20 @@ class UrlSettings(BaseModel):
     )
 
 
+class RaySettings(BaseModel):
+    """Ray Serve mode (`serve --ray`): the engine deployment's replicas and what each reserves."""
+
+    engine_replicas: int = Field(1, ge=1, le=1024, description="Engine replicas: one per GPU (each loads every network).")
+    gpus_per_replica: float | Literal["auto"] = Field(
+        "auto", description="GPUs each replica reserves; auto: 1 where the cluster has GPUs, else 0 (CPU replicas)."
+    )
+    cpus_per_replica: float = Field(4, gt=0, description="CPU cores each engine replica reserves: decode, blend and libx264 run on them.")
+    ingress_cpus: float = Field(1, ge=0, description="CPU cores the HTTP ingress reserves (it runs no model).")
+    app_name: str = Field("musetalk", min_length=1, description="The Serve application's name (`serve --ray`; a `serve run` config names its own).")
+    health_check_period_s: float = Field(10, gt=0, description="How often Ray asks each replica's device a tiny op.")
+    health_check_timeout_s: float = Field(30, gt=0, description="A replica whose device does not answer within this is replaced.")
+
+
 class Settings(BaseSettings):
     """Everything the service reads from configs/ and the environment."""
 
@@ -221,6 +235,7 @@ class Settings(BaseSettings):
     limits: LimitSettings = LimitSettings()
     cache: CacheSettings = CacheSettings()
     urls: UrlSettings = UrlSettings()
+    ray: RaySettings = RaySettings()
 
     @classmethod
     def settings_customise_sources(

@@ -33,12 +33,15 @@ def create_app(
     *,
     ready_timeout_s: float = 5.0,
     on_load_failure: Callable[[str], None] | None = None,
+    concurrency: int = 1,
 ) -> FastAPI:
     """The service. It loads the pipeline in the background unless one is given (tests share a
     loaded one). `ready_timeout_s`: how long `/ready` waits for the GPU to answer a tiny op.
     `on_load_failure(message)` is called (from the loading thread) if the models fail to load.
+    `concurrency`: jobs run at once (Ray Serve: one per engine replica; `pipeline` is then the
+    deployment's `serve_ray.remote.RemoteEngine`).
     Raises ValueError when a configured input or output root is not an existing folder."""
-    service = Service(settings, pipeline, ready_timeout_s=ready_timeout_s, on_load_failure=on_load_failure)
+    service = Service(settings, pipeline, ready_timeout_s=ready_timeout_s, on_load_failure=on_load_failure, concurrency=concurrency)
     service.check_limits = lambda request, avatar: check_limits(request, settings, avatar)
 
     @asynccontextmanager

@@ -189,7 +189,8 @@ class Job:
 
 
 class JobManager:
-    """A bounded FIFO queue and one worker thread: the GPU runs one job at a time.
+    """A bounded FIFO queue and `workers` worker threads (one per engine: the embedded GPU runs
+    one job at a time; a Ray deployment runs one per engine replica).
 
     `max_queue` counts jobs waiting (the running one is extra). `keep_finished_s`: how long a
     finished job stays readable before it is forgotten and `on_forget(job)` runs (temp-file
@@ -209,6 +210,7 @@ class JobManager:
         on_forget: Callable[[Job], None] | None = None,
         on_finish: Callable[[Job], None] | None = None,
         default_retry_after_s: float = 10.0,
+        workers: int = 1,
     ):
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}")
@@ -216,6 +218,8 @@ class JobManager:
             raise ValueError(f"keep_finished_s must be >= 0, got {keep_finished_s}")
         if time_limit_s is not None and time_limit_s <= 0:
             raise ValueError(f"time_limit_s must be > 0 or None, got {time_limit_s}")
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
         self._run = run
         self.max_queue = max_queue
         self.keep_finished_s = float(keep_finished_s)
@@ -229,7 +233,8 @@ class JobManager:
         self._changed = threading.Condition(self._lock)
         self._queue: collections.deque[Job] = collections.deque()
         self._jobs: dict[str, Job] = {}
-        self._running: Job | None = None
+        self._running: list[Job] = []
+        """Running jobs, oldest start first (at most one per worker)."""
         self._recent_run_s: collections.deque[float] = collections.deque(maxlen=_RECENT_RUNS)
         self._accepting = True
         self._worker_stop = False
@@ -237,9 +242,12 @@ class JobManager:
 
         if metrics is not None:
             metrics.bind_jobs(queue_depth=lambda: self.queue_depth, running=lambda: self.running_count)
-        self._worker = threading.Thread(target=self._work, name="musetalk-job-worker", daemon=True)
+        self._workers = [
+            threading.Thread(target=self._work, name=f"musetalk-job-worker-{n}", daemon=True) for n in range(workers)
+        ]
         self._housekeeper = threading.Thread(target=self._housekeep, name="musetalk-job-housekeeper", daemon=True)
-        self._worker.start()
+        for worker in self._workers:
+            worker.start()
         self._housekeeper.start()
 
     # -- public API ----------------------------------------------------------------------------
@@ -312,7 +320,7 @@ class JobManager:
     @property
     def running_count(self) -> int:
         with self._lock:
-            return 0 if self._running is None else 1
+            return len(self._running)
 
     @property
     def accepting(self) -> bool:
@@ -337,12 +345,12 @@ class JobManager:
                 job.cancel_event.set()
                 error = Cancelled(_CANCEL_MESSAGES["shutdown"])
                 effects.append(self._finish_locked(job, JobStatus.CANCELLED, error=error))
-            running = self._running
-            if mode == "cancel" and running is not None and running.cancel_reason is None:
-                running.cancel_reason = "shutdown"
-                running.cancel_event.set()
-                event = self._event_locked(running, "job_cancel_requested")
-                effects.append(functools.partial(self._log, event))
+            for running in self._running:
+                if mode == "cancel" and running.cancel_reason is None:
+                    running.cancel_reason = "shutdown"
+                    running.cancel_event.set()
+                    event = self._event_locked(running, "job_cancel_requested")
+                    effects.append(functools.partial(self._log, event))
             self._changed.notify_all()
         self._run_effects(effects)
 
@@ -353,8 +361,9 @@ class JobManager:
         still applies; call again, e.g. with mode "cancel")."""
         self.begin_shutdown(mode)
         deadline = None if timeout is None else time.monotonic() + timeout
-        self._worker.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        if self._worker.is_alive():
+        for worker in self._workers:
+            worker.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if any(worker.is_alive() for worker in self._workers):
             return False
         effects: list[Callable[[], None]] = []
         with self._lock:
@@ -388,7 +397,7 @@ class JobManager:
                     effects = [self._finish_locked(job, JobStatus.FAILED, error=self._queued_time_limit_error())]
                     job = None
                 else:
-                    self._running = job
+                    self._running.append(job)
                     job.status = JobStatus.RUNNING
                     job.started_at = time.time()
                     job._started_mono = now
@@ -416,7 +425,7 @@ class JobManager:
             if not isinstance(e, ServiceError):
                 logger.error("job %s: unexpected error in the pipeline", job.id, exc_info=True)
         with self._lock:
-            self._running = None
+            self._running.remove(job)
             if failure is None:
                 return self._finish_locked(job, JobStatus.SUCCEEDED, result=result)
             if job.cancel_reason == "time_limit":
@@ -467,8 +476,9 @@ class JobManager:
                             effects.append(self._finish_locked(job, JobStatus.FAILED, error=error))
                         else:
                             wake = min(wake, deadline)
-                    job = self._running
-                    if job is not None and job.cancel_reason is None:
+                    for job in self._running:
+                        if job.cancel_reason is not None:
+                            continue
                         deadline = job._created_mono + limit
                         if now >= deadline:
                             job.cancel_reason = "time_limit"
@@ -508,10 +518,11 @@ class JobManager:
         )
 
     def _retry_after_locked(self, now: float) -> int:
-        """Seconds until a queue slot likely frees: the running job's expected remaining time."""
+        """Seconds until a queue slot likely frees: the expected remaining time of the running job
+        that started first (with several workers, the first to finish, likely)."""
         typical = statistics.median(self._recent_run_s) if self._recent_run_s else self._default_retry_after_s
         remaining = typical
-        running = self._running
+        running = self._running[0] if self._running else None
         if running is not None and running._started_mono is not None:
             remaining = typical - (now - running._started_mono)
             if self.time_limit_s is not None:

@@ -204,6 +204,7 @@ class LipsyncResponse(BaseModel):
     output_uploaded_to: str | None = Field(
         None, description="With `output_url`: where the MP4 was uploaded (the URL without its query string)."
     )
+    engine_replica: str | None = Field(None, description="Ray Serve only: the engine replica that made it.")
 
 
 class JobAccepted(BaseModel):
@@ -253,13 +254,21 @@ class HealthResponse(BaseModel):
     encoder: str | None = Field(description="The H.264 encoder chosen at start by probing ffmpeg.")
 
 
+class ReplicaCounts(BaseModel):
+    """Engine replicas of a Ray Serve deployment."""
+
+    ready: int = Field(description="Replicas passing Ray's health check (their device answers).")
+    total: int = Field(description="Replicas configured (`ray.engine_replicas`).")
+
+
 class ReadyResponse(BaseModel):
     """Readiness: the service takes jobs now (200); otherwise 503 with the reason."""
 
     status: Literal["ready"] = "ready"
     queue_depth: int = Field(description="Jobs waiting for the GPU.")
     max_queue: int = Field(description="Beyond this many waiting jobs, submissions get 429.")
-    jobs_running: int = Field(description="0 or 1.")
+    jobs_running: int = Field(description="Jobs running now: 0 or 1 in one process; up to one per engine replica on Ray Serve.")
+    replicas: ReplicaCounts | None = Field(None, description="Ray Serve only: engine replicas ready and in total.")
 
 
 class AvatarResponse(BaseModel):

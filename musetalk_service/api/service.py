@@ -154,8 +154,11 @@ class Service:
         *,
         ready_timeout_s: float = 5.0,
         on_load_failure: Callable[[str], None] | None = None,
+        concurrency: int = 1,
     ):
         self.settings = settings
+        self.concurrency = concurrency
+        """Jobs run at once: 1 in one process; one per engine replica on Ray Serve."""
         self.paths = path_policy(settings)
         self.metrics = ServiceMetrics(gpu_memory=self._gpu_memory)
         self.pipeline = pipeline
@@ -194,6 +197,7 @@ class Service:
             metrics=self.metrics,
             on_forget=self._forget,
             on_finish=self._finished,
+            workers=self.concurrency,
         )
         if self.pipeline is not None:
             self._loaded(self.pipeline)
@@ -288,6 +292,11 @@ class Service:
             pipeline = self.require_loaded()
         except NotReady as e:
             return e.message
+        replicas = self.replica_counts()
+        if replicas is not None:
+            if replicas.ready == 0:
+                return f"no engine replica is ready (0 of {replicas.total}): starting, or failing Ray's health check"
+            return None
         check = getattr(pipeline, "device_ok", None)
         if check is not None and not await self._probe.ok(check):
             return f"the device ({pipeline.health()['device']}) did not answer within {self._probe.timeout_s:g} s"
@@ -415,6 +424,11 @@ class Service:
             pass
 
     # -- metrics sources -----------------------------------------------------------------------------
+
+    def replica_counts(self) -> Any:
+        """Engine replicas (`ready`, `total`) where the engine is a Ray Serve deployment; else None."""
+        read = getattr(self.pipeline, "replica_counts", None)
+        return read() if read is not None else None
 
     def _gpu_memory(self) -> Any:
         read = getattr(self.pipeline, "gpu_memory", None)

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import uuid
@@ -20,6 +21,16 @@ MP4_COPY_AUDIO_CODECS = frozenset({"aac", "mp3", "alac", "ac3", "eac3", "opus"})
 into MP4, but common players (browsers, QuickTime) don't play those from MP4, so they become AAC."""
 
 _AAC_ARGS = ["-c:a", "aac", "-b:a", "192k"]
+
+
+_PART = ".part"
+
+
+def partial_outputs(output_path: str | os.PathLike) -> list[Path]:
+    """The temporary files `mux_audio` has next to `output_path`: left there only by a process
+    killed mid-mux (an engine replica that died), for whoever sees that disk to remove."""
+    out = Path(output_path)
+    return list(out.parent.glob(f".{glob.escape(out.name)}.*{_PART}"))
 
 
 def mux_audio(
@@ -40,7 +51,7 @@ def mux_audio(
     audio = probe_audio(audio_path)
     audio_args = ["-c:a", "copy"] if audio.codec in MP4_COPY_AUDIO_CODECS else _AAC_ARGS
     # A unique name, not mkstemp: mkstemp's 0600 mode would survive the rename.
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:12]}.part")
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:12]}{_PART}")
     args = [
         "-i", file_arg(video_path),
         "-i", file_arg(audio_path),

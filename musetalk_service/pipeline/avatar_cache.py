@@ -490,6 +490,26 @@ class AvatarCache:
                 row["last_used"] = max(row["last_used"], self._memory_used.get(key, 0.0))
             return sorted(rows.values(), key=lambda r: r["last_used"], reverse=True)
 
+    def list_shared(self) -> list[dict[str, Any]]:
+        """`list()` plus the avatars other processes wrote to the folder since this one indexed it
+        (engine replicas sharing one cache folder), as disk entries; unreadable folders are skipped."""
+        rows = self.list()
+        if self.dir is None:
+            return rows
+        known = {row["key"] for row in rows}
+        for path in self.dir.iterdir():
+            if path.name in known or not is_avatar_id(path.name):
+                continue
+            try:
+                meta = _read_meta(path, path.name)
+                stat = path.stat()
+                size = _folder_bytes(path)
+            except (OSError, ValueError):  # half-written, or removed while listing
+                continue
+            meta.pop("format", None)
+            rows.append({**meta, "in_memory": False, "on_disk": True, "disk_bytes": size, "last_used": stat.st_mtime})
+        return sorted(rows, key=lambda r: r["last_used"], reverse=True)
+
     def stats(self) -> dict[str, int]:
         """Counters (hits, misses, builds, waits, evictions, corrupt folders...) and tier sizes."""
         with self._lock:

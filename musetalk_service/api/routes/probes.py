@@ -28,7 +28,9 @@ async def health(http: Request) -> dict:
     }
 
 
-@router.api_route("/ready", methods=["GET", "HEAD"], response_model=ReadyResponse, responses=error_docs(401, 503))
+@router.api_route(
+    "/ready", methods=["GET", "HEAD"], response_model=ReadyResponse, response_model_exclude_none=True, responses=error_docs(401, 503)
+)
 async def ready(http: Request) -> Any:
     """Readiness: 200 once the models are loaded and warmed and the GPU answers a tiny op; 503
     (with the reason) while loading, if the GPU stops answering, or once shutting down. Load
@@ -38,7 +40,11 @@ async def ready(http: Request) -> Any:
     if reason is not None:
         return error_response(503, "not_ready", reason)
     jobs = service.jobs
-    return {"status": "ready", "queue_depth": jobs.queue_depth, "max_queue": jobs.max_queue, "jobs_running": jobs.running_count}
+    body: dict[str, Any] = {"status": "ready", "queue_depth": jobs.queue_depth, "max_queue": jobs.max_queue, "jobs_running": jobs.running_count}
+    replicas = service.replica_counts()
+    if replicas is not None:
+        body["replicas"] = {"ready": replicas.ready, "total": replicas.total}
+    return body
 
 
 @router.get("/metrics", responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}, **error_docs(401)})
