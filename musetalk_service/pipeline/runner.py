@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 import tempfile
 import threading
@@ -27,7 +26,7 @@ from musetalk_service.media.decode import VideoReader
 from musetalk_service.media.encode import EncoderChoice, VideoEncoder, choose_encoder
 from musetalk_service.media.ffmpeg import find_ffmpeg
 from musetalk_service.media.mux import Mp4Audio, mux_audio
-from musetalk_service.media.segments import SegmentedEncoder, encode_workers_for
+from musetalk_service.media.segments import SegmentedEncoder
 from musetalk_service.media.rates import output_rate
 from musetalk_service.media.probe import VideoInfo, probe_audio, probe_video
 from musetalk_service.nets.bundle import ModelBundle
@@ -43,7 +42,7 @@ from musetalk_service.pipeline.frames import DeviceFrames, DeviceFrameUploader
 from musetalk_service.pipeline.generate import generate_faces, generate_faces_tensor
 from musetalk_service.pipeline.prepare import AvatarBuilder
 from musetalk_service.contract import FaceBox, LipsyncRequest, LipsyncResult
-from musetalk_service.pipeline.silence import SilencePlan, SilenceRule
+from musetalk_service.pipeline.plan import RequestPlan, plan_preparation, plan_request
 from musetalk_service.pipeline.source import SourceFrames
 from musetalk_service.pipeline.stages import Consume, Prefetch
 from musetalk_service.pipeline.timing import PhaseTimer
@@ -148,45 +147,35 @@ class LipsyncPipeline:
         total = audio.frame_count
         if total == 0:
             raise BadAudio(f"{request.audio_path}: audio is shorter than one video frame ({len(samples) / 16000:.3f} s)")
-        # Which frames get a generated mouth, by weight (1 generated, 0 the source frame as it is).
-        silence = self._silence_plan(request, samples, fps, total)
 
         # 3. The video's avatar (boxes, latents, masks per source frame): from the cache, else
-        #    built in this pass, each batch prepared just before it is generated.
-        #    A track silent throughout needs no avatar: its output is the source video.
+        #    built in this pass, each batch prepared just before it is generated. Then the plan:
+        #    every decision of this request, made once (pipeline/plan.py).
         options, key = self._avatar_key(request, fps)
         avatar = self.avatars.get(key) if self.avatars is not None else None
-        builder = None if avatar is not None or not silence.generates else AvatarBuilder(self.models, request, self.settings.face, fps)
+        plan = plan_request(self.settings, str(self.models.device), request, video, fps, samples, total, prepared=avatar is not None)
+        silence = plan.silence
+        builder = AvatarBuilder(self.models, request, self.settings.face, fps) if plan.prepares else None
 
         # 4. Per batch of output frames, overlapping stages (pipeline/stages.py): read in the
         #    decoder thread -> (new video) face phase in the face thread -> crops + VAE encode,
         #    UNet + VAE decode in this thread (GPU) -> blend + encode in the writer thread.
-        batch_size = request.batch_size
-        if builder is not None and request.face_box is None:
-            # Whole tracking runs per batch: the boxes come out as a separate preparation's would.
-            batch_size = -(-batch_size // PREP_BATCH) * PREP_BATCH
-        # On a GPU, compose there and hand ffmpeg yuv420p (half the bytes, no conversion in ffmpeg);
-        # on CPU the numpy blend is faster than torch's CPU kernels (settings.compose). When the
-        # video is BT.709 yuv420p, decode to the planes as they are (half the bytes of BGR through
-        # the decoder's pipe, no conversion there) and blend only the tiles under the masks
-        # (`GpuComposer.compose_yuv`). A new video's face phase reads BGR: each batch is made BGR
-        # on the device (`frames.DeviceFrames`), and only face regions come back to the host.
-        on_device = self.settings.composes_on_device(str(self.models.device))
-        yuv_frames = self._decodes_yuv420p(video, request, new_video=avatar is None)
-        upload = DeviceFrameUploader(self.models.device, video.width, video.height) if yuv_frames and builder is not None else None
+        batch_size = plan.batch_size
+        yuv_frames = plan.decode_pix_fmt == "yuv420p"
+        upload = DeviceFrameUploader(self.models.device, video.width, video.height) if plan.uploads_frames else None
         source = SourceFrames(
             request.video_path, video, fps, self.ffmpeg, work_dir, total, avatar.frame_count if avatar else None,
-            pix_fmt="yuv420p" if yuv_frames else "bgr24",
+            pix_fmt=plan.decode_pix_fmt,
         )  # fmt: skip
         blender = FaceBlender(
             self.models, request, retain=source.needs_cycle or builder is not None, masks=avatar.masks if avatar else None
         )
-        composer = GpuComposer(blender, self.models.device) if on_device else None
+        composer = GpuComposer(blender, self.models.device) if plan.on_device else None
         generate = generate_faces_tensor if composer is not None else generate_faces
         cached_latents = avatar.latents.to(self.models.device, self.models.dtype) if avatar else None
         boxes = avatar.boxes if avatar else builder.boxes if builder else None
         silent_video = work_dir / "video.mp4"
-        encoder = self._video_encoder(silent_video, video, fps, "yuv420p" if composer is not None else "bgr24", work_dir)
+        encoder = self._video_encoder(silent_video, video, plan, work_dir)
 
         def read_batches():
             for start in range(0, total, batch_size):
@@ -240,9 +229,7 @@ class LipsyncPipeline:
         no_face_frames = generated_frames = 0
         try:
             with encoder:
-                # One batch queued between stages when the face phase is one of them: a batch
-                # of 1080p frames is 200 MB, and each queue slot is host memory held.
-                depth = 1 if builder is not None else 2
+                depth = plan.queue_depth
                 reader = Prefetch("musetalk-read", read_batches(), depth=depth)
                 # The face phase in a thread of its own: in the decoder's, decoding and finding
                 # faces took turns (80 fps on a new 1080p video on the H100).
@@ -312,14 +299,6 @@ class LipsyncPipeline:
             avatar_id=avatar.key if avatar is not None else None,
         )
 
-    def _silence_plan(self, request: LipsyncRequest, samples: np.ndarray, fps: Fraction, total: int) -> SilencePlan:
-        """The output's frames by weight: all generated, or (`silence: source`) silence passed through."""
-        if request.silence == "generate":
-            return SilencePlan.generate_all(total)
-        config = self.settings.silence
-        rule = SilenceRule(config.threshold_db, config.hysteresis_db, config.floor_dbfs, config.min_silence_s)
-        return SilencePlan.from_samples(samples, 16000, fps, total, rule, config.fade_frames)
-
     def _prepare_silent_masks(
         self, blender: FaceBlender, bgr: np.ndarray | DeviceFrames, boxes: list[FaceBox | None], generated: list[FaceBox | None],
         sources: list[int], timer: PhaseTimer,
@@ -349,27 +328,14 @@ class LipsyncPipeline:
                 rows = located.rows
                 blender.prepare_masks([frames[k] for k in rows], [located.boxes[k] for k in rows], [located.first + k for k in rows])
 
-    def _decodes_yuv420p(self, video: VideoInfo, request: LipsyncRequest, *, new_video: bool) -> bool:
-        """Whether the video is decoded to its yuv420p planes: where frames are composed on the
-        device and the planes can pass through. A new video's face phase then reads them as
-        `DeviceFrames`; not with the Haar detector, which reads whole frames on the CPU."""
-        return (
-            self.settings.composes_on_device(str(self.models.device))
-            and video.is_bt709_yuv420p
-            and (not new_video or request.face_box is not None or self.settings.face.detector != "haar")
-        )
-
-    def _video_encoder(self, path: Path, video: VideoInfo, fps: Fraction, pix_fmt: str, work_dir: Path):
-        """One ffmpeg, or several on consecutive segments where one libx264 can't keep up."""
-        settings = self.settings.encode
-        workers = settings.workers
-        if workers == "auto":
-            workers = encode_workers_for(video.width, video.height, os.cpu_count(), pix_fmt)
-        if workers == 1:
-            return VideoEncoder(path, video.width, video.height, fps, self.encoder, self.ffmpeg, input_pix_fmt=pix_fmt)
+    def _video_encoder(self, path: Path, video: VideoInfo, plan: RequestPlan, work_dir: Path):
+        """One ffmpeg, or `plan.encode_workers` on consecutive segments."""
+        pix_fmt = plan.encode_pix_fmt
+        if plan.encode_workers == 1:
+            return VideoEncoder(path, video.width, video.height, plan.fps, self.encoder, self.ffmpeg, input_pix_fmt=pix_fmt)
         return SegmentedEncoder(
-            path, video.width, video.height, fps, self.encoder, self.ffmpeg,
-            workers=workers, segment_frames=settings.segment_frames, input_pix_fmt=pix_fmt, tmp_dir=work_dir,
+            path, video.width, video.height, plan.fps, self.encoder, self.ffmpeg,
+            workers=plan.encode_workers, segment_frames=self.settings.encode.segment_frames, input_pix_fmt=pix_fmt, tmp_dir=work_dir,
         )  # fmt: skip
 
     def _fps(self, request: LipsyncRequest, video: VideoInfo) -> Fraction:
@@ -421,12 +387,11 @@ class LipsyncPipeline:
         blender = FaceBlender(self.models, request, retain=True)
         estimate = max(video.frame_count, 1)
         # As in a request on a new video, so both prepare the same avatar.
-        upload = None
-        if self._decodes_yuv420p(video, request, new_video=True):
-            upload = DeviceFrameUploader(self.models.device, video.width, video.height)
+        plan = plan_preparation(self.settings, str(self.models.device), request, video, fps)
+        upload = DeviceFrameUploader(self.models.device, video.width, video.height) if plan.uploads_frames else None
 
         def read_batches():
-            with VideoReader(request.video_path, video, fps, self.ffmpeg, "yuv420p" if upload else "bgr24") as reader:
+            with VideoReader(request.video_path, video, fps, self.ffmpeg, plan.decode_pix_fmt) as reader:
                 while True:
                     with timer.phase("read"):
                         frames = reader.read(PREP_BATCH)
