@@ -56,10 +56,10 @@ def is_avatar_id(value: object) -> bool:
     """Whether `value` has the form of an avatar id (also what keeps ids from naming other paths)."""
     return isinstance(value, str) and _AVATAR_ID.match(value) is not None
 
-PHASES = ("read", "face_detect", "vae_encode", "audio", "unet", "blend", "encode", "mux")
+PHASES = ("read", "face_detect", "vae_encode", "parse", "audio", "unet", "blend", "encode", "mux")
 """Timed phases, in pipeline order. `face_detect` is the face phase: the boxes and the faces cut
-from them for the VAE; `vae_encode` the VAE encoder alone; `unet` the UNet plus the VAE decode;
-`blend` pasting the generated faces back (and, for now, parsing a new video's blend masks)."""
+from them for the VAE; `vae_encode` the VAE encoder alone; `parse` BiSeNet's blend masks of a new
+video; `unet` the UNet plus the VAE decode; `blend` pasting the generated faces back."""
 
 PhaseTimings = dict[str, float]
 """Seconds per phase (keys in PHASES) plus `total`, the wall time of the request in the engine."""

@@ -31,7 +31,7 @@ def test_a_missed_target_names_the_stage_and_how_far_it_alone_is_over():
     # Session 5's warm run on the H100: the writer (compose, then the pipe into x264) bounds it.
     run = bench_run(22.07, read=8.7, unet=7.0, blend=2.0, encode=17.5, mux=1.9)
     v = verdict("warm", run)
-    assert v["bound_by"] == "writer thread (blend + encode)"
+    assert v["bound_by"] == "writer thread (parse + blend + encode)"
     assert v["bound_busy_s"] == 19.5 and v["bound_share_of_wall"] == 0.88
     assert v["target_fps"] == 250 and v["met"] is False
     assert v["bound_over_target_s"] == 7.5  # 19.5 s busy against 3000 / 250 = 12 s

@@ -81,10 +81,10 @@ STAGES = (
     ("decoder thread (read)", ("read",)),
     ("face thread (face_detect)", ("face_detect",)),
     ("GPU thread (vae_encode + unet)", ("vae_encode", "unet")),
-    ("writer thread (blend + encode)", ("blend", "encode")),
+    ("writer thread (parse + blend + encode)", ("parse", "blend", "encode")),
     ("after the last frame (mux)", ("mux",)),
 )
-"""The request's stages, each the phases whose busy time it spends (pipeline/runner.py runs the
+"""The request's stages, each the phases whose busy time it spends (pipeline/flow.py runs the
 first four at once; the mux follows them). A stage busy for most of the wall time bounds it;
 `encode` is the writer waiting for ffmpeg to take the frames, so it stands for the encoder."""
 GPU_THREAD_PHASES = ("vae_encode", "unet")

@@ -41,6 +41,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from musetalk_service.pipeline.blend import MaskEntry
+from musetalk_service.pipeline.latents import LATENT_SHAPE
 from musetalk_service.errors import Cancelled, InputError
 from musetalk_service.contract import AVATAR_ID_HEX, FaceBox, LipsyncRequest, is_avatar_id
 from musetalk_service.settings import FaceSettings
@@ -51,7 +52,6 @@ PREP_VERSION = 2
 """Part of every key: bump it when the face, latent or mask code changes what a preparation gives."""
 DISK_FORMAT = 1
 """Written in meta.json; a folder of another format is treated as corrupt (removed, rebuilt)."""
-LATENT_SHAPE = (8, 32, 32)
 CHUNK = 1 << 20
 """Content hashing reads the file 1 MiB at a time."""
 STALE_TEMP_S = 3600.0

@@ -329,15 +329,19 @@ class FaceBlender:
         request: LipsyncRequest,
         retain: bool = False,
         masks: Mapping[int, MaskEntry] | None = None,
+        parses_on_demand: bool = True,
     ):
         """`models` as for `ParsingMask`; the request's parsing options and `mask_every` are read.
         `masks` preloads prepared masks (a cached avatar's, see `export_masks`): they are never
-        pruned, so a request on a prepared avatar runs no face parsing at all."""
+        pruned, so a request on a prepared avatar runs no face parsing at all.
+        `parses_on_demand=False` (the pipeline, whose parse phase makes every mask first with
+        `prepare_masks`): `blend_batch` and `regions` parse nothing; a mask they lack is a fallback."""
         if request.mask_every < 1:
             raise ValueError(f"mask_every must be >= 1, got {request.mask_every}")
         self.parser = ParsingMask(models, request.parsing_mode, request.left_cheek_width, request.right_cheek_width)
         self.mask_every = request.mask_every
         self.retain = retain
+        self.parses_on_demand = parses_on_demand
         self.fallbacks = 0
         self._masks: dict[int, _CachedMask] = {}
         self._preloaded: dict[int, _CachedMask] = {
@@ -383,7 +387,7 @@ class FaceBlender:
         """
         keys = self._keys(source_indices)
         check_weights(boxes, weights)
-        self._compute_missing(frames.__getitem__, boxes, keys)
+        self._masks_for(frames.__getitem__, boxes, keys)
         for k, (frame, face, box, key, index) in enumerate(zip(frames, faces, boxes, keys, source_indices)):
             if box is None:
                 continue
@@ -411,7 +415,7 @@ class FaceBlender:
         frames in another form converts only those. None for a frame with no box or nothing to blend.
         """
         keys = self._keys(source_indices)
-        self._compute_missing(frame_at, boxes, keys)
+        self._masks_for(frame_at, boxes, keys)
         out: list[PasteRegion | None] = []
         for k, (box, key, index) in enumerate(zip(boxes, keys, source_indices)):
             if box is None:
@@ -436,10 +440,21 @@ class FaceBlender:
         self._masks[key] = _CachedMask.from_square(self.parser([frame], [box])[0])
         return self._masks[key]
 
-    def _compute_missing(self, frame_at: Callable[[int], np.ndarray], boxes: Sequence[FaceBox | None], keys: list[int]) -> None:
+    def _masks_for(self, frame_at: Callable[[int], np.ndarray], boxes: Sequence[FaceBox | None], keys: list[int]) -> None:
+        """Before blending: the masks of `keys` parsed where missing (`parses_on_demand`), the
+        others let go of (unless `retain`)."""
+        if self.parses_on_demand:
+            self._compute_missing(frame_at, boxes, keys)
+        else:
+            self._prune(keys)
+
+    def _prune(self, keys: list[int]) -> None:
         if not self.retain:
             needed = set(keys)
             self._masks = {k: v for k, v in self._masks.items() if k in needed}
+
+    def _compute_missing(self, frame_at: Callable[[int], np.ndarray], boxes: Sequence[FaceBox | None], keys: list[int]) -> None:
+        self._prune(keys)
         todo: dict[int, int] = {}
         for position, (box, key) in enumerate(zip(boxes, keys)):
             if box is not None and key not in self._masks and key not in self._preloaded and key not in todo:

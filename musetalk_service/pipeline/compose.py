@@ -22,15 +22,19 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from musetalk_service.media.rawvideo import yuv420p_frame_bytes
+from musetalk_service.pipeline.batch import Batch
 from musetalk_service.pipeline.blend import ALPHA_SCALE, FaceBlender, PasteRegion, check_weights
 from musetalk_service.pipeline.colour import bgr_to_yuv420p, yuv420p_planes, yuv420p_to_bgr
 from musetalk_service.pipeline.frames import DeviceFrame
+from musetalk_service.pipeline.plan import Compositing
+from musetalk_service.pipeline.timing import PhaseTimer
 from musetalk_service.contract import FaceBox
 
 
@@ -115,7 +119,7 @@ class GpuComposer:
             raise ValueError(f"expected uint8 frames [n, H, W, 3], got {frames.dtype} {list(frames.shape)}")
         with_face = self._check_counts(len(frames), faces, boxes, source_indices, weights)
         with self._on_stream(faces, ready):
-            # Inside the stream too: a BiSeNet pass for new masks need not queue behind the UNet.
+            # Inside the stream too: a BiSeNet pass for a missing mask need not queue behind the UNet.
             regions = self.blender.regions(frames.shape[1:], boxes, source_indices, frames.__getitem__)
             # Uploaded straight from the caller's pages: a pinned staging copy would cost the same
             # memcpy and hold a batch of frames (200 MB at 1080p) for good. On CPU (and for a
@@ -212,6 +216,11 @@ class GpuComposer:
         if len(with_face) != (0 if faces is None else len(faces)):
             raise ValueError(f"{len(with_face)} boxes but {0 if faces is None else len(faces)} faces")
         return with_face
+
+    def on_stream(self) -> contextlib.AbstractContextManager[None]:
+        """Run a block on the composer's stream (synchronised at its end): the parse phase's
+        BiSeNet passes, which then never queue behind the UNet on the default stream."""
+        return self._on_stream(None, None)
 
     @contextlib.contextmanager
     def _on_stream(self, faces, ready: torch.cuda.Event | None):
@@ -355,3 +364,109 @@ def _blend_tiles(batch: _TileBatch, tiles: list[_Tile], faces: torch.Tensor, box
     block = changed.view(n, rows // 2, 2, cols // 2, 2).any(dim=4).any(dim=2)
     batch.u.copy_(torch.where(block, new_u.view(batch.u.shape), batch.u))
     batch.v.copy_(torch.where(block, new_v.view(batch.v.shape), batch.v))
+
+
+# --- the compose phase of a request: one compositor, chosen by the plan ------------------------------
+
+
+class Compositor(Protocol):
+    """Pastes a batch's generated faces into its frames and gives what the encoder takes."""
+
+    def compose(self, batch: Batch, boxes: list[FaceBox | None]) -> np.ndarray:
+        """The batch's frames with the faces of `batch.rows` pasted at `boxes` (one per output
+        frame, None where nothing is pasted), as the plan's `encode_pix_fmt`."""
+        ...
+
+    def on_stream(self) -> contextlib.AbstractContextManager[None]:
+        """Where work beside the compositor's own runs (the parse phase): its stream, if any."""
+        ...
+
+
+class NumpyCompositor:
+    """The CPU blend (`FaceBlender.blend_batch`) into BGR frames, in place; BGR out."""
+
+    def __init__(self, blender: FaceBlender):
+        self.blender = blender
+
+    def compose(self, batch: Batch, boxes: list[FaceBox | None]) -> np.ndarray:
+        rows = batch.rows
+        if rows:
+            self.blender.blend_batch(
+                [batch.frames[k] for k in rows], batch.faces, [boxes[k] for k in rows], [batch.sources[k] for k in rows],
+                weights=[batch.weights[k] for k in rows],
+            )  # fmt: skip
+        return batch.frames
+
+    def on_stream(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+
+class DeviceBgrCompositor:
+    """BGR frames uploaded whole, composed and converted on the device (`GpuComposer.compose`); yuv420p out."""
+
+    def __init__(self, composer: GpuComposer):
+        self.composer = composer
+
+    def compose(self, batch: Batch, boxes: list[FaceBox | None]) -> np.ndarray:
+        return self.composer.compose(batch.frames, batch.faces, boxes, batch.sources, ready=batch.ready, weights=batch.weights).yuv
+
+    def on_stream(self) -> contextlib.AbstractContextManager[None]:
+        return self.composer.on_stream()
+
+
+class DeviceYuvCompositor:
+    """The decoder's yuv420p planes, only the tiles under the masks blended (`GpuComposer.compose_yuv`)."""
+
+    def __init__(self, composer: GpuComposer, width: int, height: int):
+        self.composer = composer
+        self.width = width
+        self.height = height
+
+    def compose(self, batch: Batch, boxes: list[FaceBox | None]) -> np.ndarray:
+        frame_at = None if batch.bgr is None else batch.bgr.__getitem__
+        return self.composer.compose_yuv(
+            batch.frames, self.width, self.height, batch.faces, boxes, batch.sources,
+            ready=batch.ready, frame_at=frame_at, weights=batch.weights,
+        )  # fmt: skip
+
+    def on_stream(self) -> contextlib.AbstractContextManager[None]:
+        return self.composer.on_stream()
+
+
+def make_compositor(kind: Compositing, blender: FaceBlender, device: torch.device | str, width: int, height: int) -> Compositor:
+    """The plan's compositor (`plan.RequestPlan.compositing`) over `blender`'s masks."""
+    if kind == "numpy":
+        return NumpyCompositor(blender)
+    composer = GpuComposer(blender, device)
+    return DeviceYuvCompositor(composer, width, height) if kind == "device_yuv" else DeviceBgrCompositor(composer)
+
+
+class Encoder(Protocol):
+    def write(self, frames: np.ndarray) -> None: ...
+
+
+class ComposeStage:
+    """Compose and encode phases (the writer thread): each output batch composed and handed to
+    the encoder, in order; progress reported per batch. A batch of source frames prepared only
+    has nothing to compose."""
+
+    def __init__(self, compositor: Compositor, boxes: Sequence[FaceBox | None], encoder: Encoder, timer: PhaseTimer, progress: Callable[[str, int, int], None], total: int):
+        """`boxes`: every source frame's face box (a prepared avatar's, or a new video's as located)."""
+        self.compositor = compositor
+        self.boxes = boxes
+        self.encoder = encoder
+        self.timer = timer
+        self.progress = progress
+        self.total = total
+
+    def run(self, batch: Batch) -> None:
+        if not batch.indices:
+            return
+        # The frames generated keep their boxes; the others (no face, or silent) have none.
+        made = set(batch.rows)
+        boxes = [self.boxes[j] if k in made else None for k, j in enumerate(batch.sources)]
+        with self.timer.phase("blend"):
+            out = self.compositor.compose(batch, boxes)
+        with self.timer.phase("encode"):
+            self.encoder.write(out)
+        self.progress("frames", batch.indices[-1] + 1, self.total)

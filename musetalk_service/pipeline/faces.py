@@ -42,19 +42,24 @@ Measured choices (CPU, this repository's code):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 
 from musetalk_service.errors import InvalidOption
 from musetalk_service.nets.fan import predict_landmarks
 from musetalk_service.nets.haar_face import HaarFaceDetector, musetalk_box_from_face_box
 from musetalk_service.nets.s3fd import detect_faces
+from musetalk_service.pipeline.batch import Batch
 from musetalk_service.pipeline.frames import DeviceFrame, DeviceFrames
+from musetalk_service.pipeline.latents import FACE_SIZE, crop_faces
+from musetalk_service.pipeline.timing import PhaseTimer
 from musetalk_service.contract import FaceBox, LipsyncRequest
 from musetalk_service.pipeline.tracking import (
     OneEuroBoxSmoother,
@@ -307,3 +312,65 @@ class FaceLocator:
             return None
         box = clamp_box(apply_extra_margin(box, self.extra_margin, height), width, height)
         return box if is_valid_box(box) else None
+
+
+@dataclass(frozen=True)
+class LocatedFrames:
+    """The face phase's result for consecutive source frames, from `first` on."""
+
+    first: int
+    boxes: list[FaceBox | None]
+    rows: list[int]
+    """Positions (in this batch) of the frames with a face."""
+    crops: np.ndarray
+    """The faces of `rows`, `[len(rows), 256, 256, 3]` BGR, as `latents.crop_faces` cuts them for the VAE."""
+
+
+class FaceStage:
+    """Face phase of a new video (the face thread): boxes and the VAE's face crops of each batch's
+    new source frames (`Batch.prepare`), fed in source order.
+
+    On a CUDA stream of its own, so its waits for results never wait for the UNet. The crops are
+    cut here, not in the GPU thread, because the GPU thread bounds a new video (H100, 2026-11-24:
+    17.6 s busy of 19.3 s, the face thread 12.4 s). Tracking runs end on multiples of
+    `prep_batch` however the batches fall, so the boxes are those of any other preparation.
+    """
+
+    def __init__(self, locator: FaceLocator, device: torch.device | str, prep_batch: int, timer: PhaseTimer):
+        self.locator = locator
+        self.prep_batch = prep_batch
+        self.timer = timer
+        self.boxes: list[FaceBox | None] = []
+        """Every located source frame's box, in order (the avatar's boxes once all are located)."""
+        self._stream = torch.cuda.Stream(device) if torch.device(device).type == "cuda" else None
+
+    @property
+    def located(self) -> int:
+        return len(self.boxes)
+
+    @property
+    def has_face(self) -> bool:
+        return any(box is not None for box in self.boxes)
+
+    def run(self, batch: Batch) -> Batch:
+        if batch.prepare is not None:
+            with self.timer.phase("face_detect"):
+                batch.located = self.locate(batch.prepare)
+        return batch
+
+    def locate(self, frames: np.ndarray | DeviceFrames) -> LocatedFrames:
+        """Boxes and face crops of the next source frames `[b, H, W, 3]`, host or device."""
+        first = len(self.boxes)
+        boxes: list[FaceBox | None] = []
+        context = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
+        with context:
+            start = 0
+            while start < len(frames):
+                end = min(len(frames), start + self.prep_batch - (first + start) % self.prep_batch)
+                boxes += self.locator.locate(frames[start:end], range(first + start, first + end))
+                start = end
+        self.boxes.extend(boxes)
+        rows = [k for k, box in enumerate(boxes) if box is not None]
+        # Views of the frames, not `frames[rows]`: that would copy whole 1080p frames to crop them.
+        crops = crop_faces([frames[k] for k in rows], [boxes[k] for k in rows]) if rows else np.empty((0, FACE_SIZE, FACE_SIZE, 3), np.uint8)
+        return LocatedFrames(first, boxes, rows, crops)

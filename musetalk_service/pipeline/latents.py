@@ -9,7 +9,7 @@ that shows it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -17,6 +17,11 @@ import torch
 
 from musetalk_service.parallel import for_each_index
 from musetalk_service.contract import FaceBox
+from musetalk_service.pipeline.batch import Batch
+from musetalk_service.pipeline.timing import PhaseTimer
+
+if TYPE_CHECKING:
+    from musetalk_service.pipeline.faces import LocatedFrames
 
 FACE_SIZE = 256
 """The VAE works on 256x256 faces (32x32 latents)."""
@@ -73,3 +78,52 @@ def encode_crops(models: Any, faces_bgr: np.ndarray) -> torch.Tensor:
     """
     masked, reference = vae_inputs(faces_bgr, models.device)
     return models.latent_encoder(masked.to(models.dtype), reference.to(models.dtype))
+
+
+LATENT_SHAPE = (8, 32, 32)
+"""One source frame's UNet input: masked and reference latents, 4 channels each."""
+
+
+class LatentStage:
+    """VAE-encode phase of a new video (the GPU thread): each located batch's face crops into the
+    video's latents, batches in source order.
+
+    Kept in fp16, as the avatar cache keeps them, so a cached avatar generates exactly what its
+    first request did.
+    """
+
+    def __init__(self, models: Any, timer: PhaseTimer):
+        self.models = models
+        self.timer = timer
+        self._latents = torch.zeros((0, *LATENT_SHAPE), device=models.device, dtype=torch.float16)
+        self._encoded = 0
+
+    def run(self, batch: Batch) -> Batch:
+        if batch.located is not None:
+            with self.timer.phase("vae_encode", gpu=True):
+                self.encode(batch.located)
+        return batch
+
+    def encode(self, located: LocatedFrames) -> None:
+        """VAE-encode a located batch's faces into the latents (in order)."""
+        if located.first != self._encoded:
+            raise ValueError(f"batches must be encoded in order: expected frame {self._encoded}, got {located.first}")
+        end = located.first + len(located.boxes)
+        if end > len(self._latents):
+            grown = torch.zeros((max(end, 2 * len(self._latents)), *LATENT_SHAPE), device=self._latents.device, dtype=self._latents.dtype)
+            grown[: self._encoded] = self._latents[: self._encoded]
+            self._latents = grown
+        if located.rows:
+            rows = torch.tensor([located.first + k for k in located.rows], device=self._latents.device)
+            self._latents[rows] = encode_crops(self.models, located.crops).to(self._latents.dtype)
+        self._encoded = end
+
+    def latents(self, source_indices: list[int]) -> torch.Tensor:
+        """Latents `[b, 8, 32, 32]` (model device and dtype) of encoded source frames."""
+        if max(source_indices) >= self._encoded:
+            raise ValueError(f"frame {max(source_indices)} is not encoded yet ({self._encoded} are)")
+        return self._latents[source_indices].to(self.models.dtype)
+
+    def encoded(self) -> torch.Tensor:
+        """Every encoded frame's latents, fp16 on the CPU (as an `Avatar` holds them)."""
+        return self._latents[: self._encoded].to("cpu", torch.float16)

@@ -1,15 +1,16 @@
 """The lip-sync pipeline: resident models, one request at a time, phases timed.
 
-A request runs as numbered steps (see `LipsyncPipeline._run`). Frames flow through in batches from
-the decoder to the encoder, so memory does not grow with the output's length: per source frame we
-keep only its face box, its 8x32x32 latent and (every `mask_every` frames) a blend mask.
+A request runs as numbered steps (see `LipsyncPipeline._run`): inputs, audio, the plan decided
+once (pipeline/plan.py), the stages over it (pipeline/flow.py), the avatar cached, mux. Frames
+flow through in batches from the decoder to the encoder, so memory does not grow with the
+output's length: per source frame we keep only its face box, its 8x32x32 latent and (every
+`mask_every` frames) a blend mask.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import tempfile
 import threading
 from collections.abc import Callable
@@ -17,17 +18,15 @@ from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from musetalk_service import work_folders
-from musetalk_service.errors import AvatarNotFound, BadAudio, Cancelled, GpuMemoryExhausted, InvalidOption, NoFace
+from musetalk_service.errors import AvatarNotFound, BadAudio, GpuMemoryExhausted, InvalidOption
 from musetalk_service.media.audio import load_audio
-from musetalk_service.media.decode import VideoReader
 from musetalk_service.media.encode import EncoderChoice, VideoEncoder, choose_encoder
 from musetalk_service.media.ffmpeg import find_ffmpeg
 from musetalk_service.media.mux import Mp4Audio, mux_audio
-from musetalk_service.media.segments import SegmentedEncoder, encode_workers_for
+from musetalk_service.media.segments import SegmentedEncoder
 from musetalk_service.media.rates import output_rate
 from musetalk_service.media.probe import VideoInfo, probe_audio, probe_video
 from musetalk_service.nets.bundle import ModelBundle
@@ -37,15 +36,9 @@ from musetalk_service.nets.runtime import answers as device_answers
 from musetalk_service.nets.runtime import memory_bytes as device_memory_bytes
 from musetalk_service.pipeline.audio import AudioFeatures
 from musetalk_service.pipeline.avatar_cache import Avatar, AvatarCache, avatar_key, prep_options, weights_fingerprint
-from musetalk_service.pipeline.blend import FaceBlender
-from musetalk_service.pipeline.compose import GpuComposer
-from musetalk_service.pipeline.frames import DeviceFrames, DeviceFrameUploader
-from musetalk_service.pipeline.generate import generate_faces, generate_faces_tensor
-from musetalk_service.pipeline.prepare import AvatarBuilder
-from musetalk_service.contract import FaceBox, LipsyncRequest, LipsyncResult
-from musetalk_service.pipeline.silence import SilencePlan, SilenceRule
-from musetalk_service.pipeline.source import SourceFrames
-from musetalk_service.pipeline.stages import Consume, Prefetch
+from musetalk_service.contract import LipsyncRequest, LipsyncResult
+from musetalk_service.pipeline.flow import PassContext, lipsync_pass, preparation_pass
+from musetalk_service.pipeline.plan import RequestPlan, plan_preparation, plan_request
 from musetalk_service.pipeline.timing import PhaseTimer
 from musetalk_service.settings import Settings
 
@@ -149,152 +142,33 @@ class LipsyncPipeline:
         total = audio.frame_count
         if total == 0:
             raise BadAudio(f"{request.audio_path}: audio is shorter than one video frame ({len(samples) / 16000:.3f} s)")
-        # Which frames get a generated mouth, by weight (1 generated, 0 the source frame as it is).
-        silence = self._silence_plan(request, samples, fps, total)
 
-        # 3. The video's avatar (boxes, latents, masks per source frame): from the cache, else
-        #    built in this pass, each batch prepared just before it is generated.
-        #    A track silent throughout needs no avatar: its output is the source video.
+        # 3. The video's avatar (boxes, latents, masks per source frame) from the cache, if there;
+        #    then the plan: every decision of this request, made once (pipeline/plan.py).
         options, key = self._avatar_key(request, fps)
         avatar = self.avatars.get(key) if self.avatars is not None else None
-        builder = None if avatar is not None or not silence.generates else AvatarBuilder(self.models, request, self.settings.face, fps)
+        plan = plan_request(self.settings, str(self.models.device), request, video, fps, samples, total, prepared=avatar is not None)
 
-        # 4. Per batch of output frames, overlapping stages (pipeline/stages.py): read in the
-        #    decoder thread -> (new video) face phase in the face thread -> crops + VAE encode,
-        #    UNet + VAE decode in this thread (GPU) -> blend + encode in the writer thread.
-        batch_size = request.batch_size
-        if builder is not None and request.face_box is None:
-            # Whole tracking runs per batch: the boxes come out as a separate preparation's would.
-            batch_size = -(-batch_size // PREP_BATCH) * PREP_BATCH
-        # On a GPU, compose there and hand ffmpeg yuv420p (half the bytes, no conversion in ffmpeg);
-        # on CPU the numpy blend is faster than torch's CPU kernels (settings.compose). When the
-        # video is BT.709 yuv420p, decode to the planes as they are (half the bytes of BGR through
-        # the decoder's pipe, no conversion there) and blend only the tiles under the masks
-        # (`GpuComposer.compose_yuv`). A new video's face phase reads BGR: each batch is made BGR
-        # on the device (`frames.DeviceFrames`), and only face regions come back to the host.
-        on_device = self.settings.composes_on_device(str(self.models.device))
-        yuv_frames = self._decodes_yuv420p(video, request, new_video=avatar is None)
-        upload = DeviceFrameUploader(self.models.device, video.width, video.height) if yuv_frames and builder is not None else None
-        source = SourceFrames(
-            request.video_path, video, fps, self.ffmpeg, work_dir, total, avatar.frame_count if avatar else None,
-            pix_fmt="yuv420p" if yuv_frames else "bgr24",
-        )  # fmt: skip
-        blender = FaceBlender(
-            self.models, request, retain=source.needs_cycle or builder is not None, masks=avatar.masks if avatar else None
-        )
-        composer = GpuComposer(blender, self.models.device) if on_device else None
-        generate = generate_faces_tensor if composer is not None else generate_faces
-        cached_latents = avatar.latents.to(self.models.device, self.models.dtype) if avatar else None
-        boxes = avatar.boxes if avatar else builder.boxes if builder else None
+        # 4. The stages over the plan's batches, overlapping in threads (pipeline/flow.py): read ->
+        #    (a new video) faces -> (VAE encode) + UNet -> (masks) + compose + encode. A new video's
+        #    avatar is prepared as it goes, then its frames past the audio's end.
         silent_video = work_dir / "video.mp4"
-        encoder = self._video_encoder(silent_video, video, fps, "yuv420p" if composer is not None else "bgr24", work_dir)
-
-        def read_batches():
-            for start in range(0, total, batch_size):
-                indices = list(range(start, min(start + batch_size, total)))
-                with timer.phase("read"):
-                    sources, frames, fresh = source.take(indices)
-                    # What the face phase and the masks read: BGR frames as decoded, or a new
-                    # video's yuv420p made BGR on the device; a prepared avatar's yuv420p needs none.
-                    if not yuv_frames:
-                        bgr = frames
-                    else:
-                        bgr = upload(frames) if upload is not None else None
-                yield indices, sources, frames, bgr, fresh
-
-        def locate_batches(batches):
-            for indices, sources, frames, bgr, fresh in batches:
-                located = None
-                if fresh:
-                    with timer.phase("face_detect"):
-                        located = builder.locate(bgr[:fresh])
-                yield indices, sources, frames, bgr, located
-
-        def compose_and_encode(item) -> None:
-            indices, sources, frames, bgr, rows, faces, ready, weights = item
-            # The frames generated keep their boxes; the others (no face, or silent) have none.
-            made = set(rows)
-            generated = [boxes[j] if k in made else None for k, j in enumerate(sources)]
-            if builder is not None:
-                self._prepare_silent_masks(blender, bgr, [boxes[j] for j in sources], generated, sources, timer)
-            if yuv_frames:
-                with timer.phase("blend"):
-                    out = composer.compose_yuv(
-                        frames, video.width, video.height, faces, generated, sources,
-                        ready=ready, frame_at=None if bgr is None else bgr.__getitem__, weights=weights,
-                    )  # fmt: skip
-            elif composer is not None:
-                with timer.phase("blend"):
-                    out = composer.compose(frames, faces, generated, sources, ready=ready, weights=weights).yuv
-            else:
-                out = frames
-                if rows:
-                    with timer.phase("blend"):
-                        blender.blend_batch(
-                            [frames[k] for k in rows], faces, [generated[k] for k in rows], [sources[k] for k in rows],
-                            weights=[weights[k] for k in rows],
-                        )  # fmt: skip
+        with self._video_encoder(silent_video, video, plan, work_dir) as encoder:
+            stages = lipsync_pass(self._context(timer), request, video, plan, audio, avatar, encoder, work_dir, progress)
+            try:
+                stages.run(cancel)
+            finally:
+                stages.close()
             with timer.phase("encode"):
-                encoder.write(out)
-            progress("frames", indices[-1] + 1, total)
+                encoder.close()
 
-        no_face_frames = generated_frames = 0
-        try:
-            with encoder:
-                # One batch queued between stages when the face phase is one of them: a batch
-                # of 1080p frames is 200 MB, and each queue slot is host memory held.
-                depth = 1 if builder is not None else 2
-                reader = Prefetch("musetalk-read", read_batches(), depth=depth)
-                # The face phase in a thread of its own: in the decoder's, decoding and finding
-                # faces took turns (80 fps on a new 1080p video on the H100).
-                faces_stage = Prefetch("musetalk-faces", locate_batches(reader), depth=depth) if builder is not None else None
-                batches = faces_stage if faces_stage is not None else ((i, s, f, b, None) for i, s, f, b, _ in reader)
-                writer = Consume("musetalk-encode", compose_and_encode, depth=depth)
-                try:
-                    for indices, sources, frames, bgr, located in batches:
-                        _check_cancel(cancel)
-                        if located is not None:
-                            with timer.phase("vae_encode", gpu=True):
-                                builder.encode(located)
-                        if builder is not None and source.frame_count is not None and not builder.has_face:
-                            raise NoFace(f"{request.video_path}: no face found in any of the {builder.located} frames tried")
-                        weights = silence.weights[indices]
-                        speaking = [k for k in range(len(indices)) if weights[k] > 0]  # the others pass through as silent
-                        rows = [k for k in speaking if boxes[sources[k]] is not None]
-                        no_face_frames += len(speaking) - len(rows)
-                        generated_frames += len(rows)
-                        faces = ready = None
-                        if rows:
-                            with timer.phase("unet", gpu=composer is None):
-                                picked = [sources[k] for k in rows]
-                                latents = cached_latents[picked] if builder is None else builder.latents(picked)
-                                faces = generate(self.models, latents, audio.windows([indices[k] for k in rows]))
-                                if composer is not None and composer.device.type == "cuda":
-                                    # The composer's stream waits for this event, not for the whole
-                                    # device; waiting on it here keeps the UNet's busy time honest.
-                                    ready = torch.cuda.Event()
-                                    ready.record()
-                                    ready.synchronize()
-                        writer.put((indices, sources, frames, bgr, rows, faces, ready, weights))
-                    writer.finish()
-                except BaseException:
-                    writer.abort()
-                    raise
-                finally:
-                    if faces_stage is not None:
-                        faces_stage.close()
-                    reader.close()
-                with timer.phase("encode"):
-                    encoder.close()
-            # A video longer than the audio: prepare its other frames too, so the avatar is whole.
-            if builder is not None:
-                avatar = self._finish_avatar(builder, source, upload, blender, request, video, key, options, timer, cancel)
-        finally:
-            source.close()
-        if builder is not None and self.avatars is not None:
-            self.avatars.put(avatar)
+        # 5. A new video's avatar, whole, into the cache.
+        if stages.preparation is not None:
+            avatar = stages.preparation.finish(key, options, video.width, video.height, request.video_path)
+            if self.avatars is not None:
+                self.avatars.put(avatar)
 
-        # 5. Mux: the video stream as encoded, the speech track as `Mp4Audio` made it.
+        # 6. Mux: the video stream as encoded, the speech track as `Mp4Audio` made it.
         with timer.phase("mux"):
             mux_audio(silent_video, speech.path(), request.output_path, self.ffmpeg)
         progress("done", total, total)
@@ -306,71 +180,24 @@ class LipsyncPipeline:
             encoder=self.encoder.name,
             weights=self.models.weights_kind,
             timings=timer.as_dict(),
-            fallbacks=blender.fallbacks,
-            frames_without_face=no_face_frames,
-            frames_generated=generated_frames,
-            frames_silent=silence.silent_frames,
+            fallbacks=stages.blender.fallbacks,
+            frames_without_face=stages.frames_without_face,
+            frames_generated=stages.frames_generated,
+            frames_silent=plan.silence.silent_frames,
             avatar_id=avatar.key if avatar is not None else None,
         )
 
-    def _silence_plan(self, request: LipsyncRequest, samples: np.ndarray, fps: Fraction, total: int) -> SilencePlan:
-        """The output's frames by weight: all generated, or (`silence: source`) silence passed through."""
-        if request.silence == "generate":
-            return SilencePlan.generate_all(total)
-        config = self.settings.silence
-        rule = SilenceRule(config.threshold_db, config.hysteresis_db, config.floor_dbfs, config.min_silence_s)
-        return SilencePlan.from_samples(samples, 16000, fps, total, rule, config.fade_frames)
+    def _context(self, timer: PhaseTimer) -> PassContext:
+        return PassContext(self.models, self.settings, self.ffmpeg, timer)
 
-    def _prepare_silent_masks(
-        self, blender: FaceBlender, bgr: np.ndarray | DeviceFrames, boxes: list[FaceBox | None], generated: list[FaceBox | None],
-        sources: list[int], timer: PhaseTimer,
-    ) -> None:  # fmt: skip
-        """A new video's masks of the frames with a face that are not generated (silent), so its
-        avatar is whole: a later request on it may generate them."""
-        silent = [k for k, (box, made) in enumerate(zip(boxes, generated)) if box is not None and made is None]
-        if silent:
-            with timer.phase("blend"):
-                blender.prepare_masks([bgr[k] for k in silent], [boxes[k] for k in silent], [sources[k] for k in silent])
-
-    def _finish_avatar(self, builder: AvatarBuilder, source: SourceFrames, upload: DeviceFrameUploader | None, blender: FaceBlender, request: LipsyncRequest, video: VideoInfo, key: str, options: dict, timer: PhaseTimer, cancel: threading.Event | None) -> Avatar:
-        """Prepare the frames the output did not reach (the audio was shorter), then the avatar."""
-        for frames in source.remaining(PREP_BATCH):
-            _check_cancel(cancel)
-            self._prepare_batch(builder, blender, upload(frames) if upload is not None else frames, timer)
-        return builder.finish(key, options, video.width, video.height, request.video_path, blender.export_masks())
-
-    def _prepare_batch(self, builder: AvatarBuilder, blender: FaceBlender, frames: np.ndarray | DeviceFrames, timer: PhaseTimer) -> None:
-        """Boxes, latents and masks of the next source frames, when nothing is generated from them."""
-        with timer.phase("face_detect", gpu=True):
-            located = builder.locate(frames)
-        with timer.phase("vae_encode", gpu=True):
-            builder.encode(located)
-        if located.rows:
-            with timer.phase("blend", gpu=True):
-                rows = located.rows
-                blender.prepare_masks([frames[k] for k in rows], [located.boxes[k] for k in rows], [located.first + k for k in rows])
-
-    def _decodes_yuv420p(self, video: VideoInfo, request: LipsyncRequest, *, new_video: bool) -> bool:
-        """Whether the video is decoded to its yuv420p planes: where frames are composed on the
-        device and the planes can pass through. A new video's face phase then reads them as
-        `DeviceFrames`; not with the Haar detector, which reads whole frames on the CPU."""
-        return (
-            self.settings.composes_on_device(str(self.models.device))
-            and video.is_bt709_yuv420p
-            and (not new_video or request.face_box is not None or self.settings.face.detector != "haar")
-        )
-
-    def _video_encoder(self, path: Path, video: VideoInfo, fps: Fraction, pix_fmt: str, work_dir: Path):
-        """One ffmpeg, or several on consecutive segments where one libx264 can't keep up."""
-        settings = self.settings.encode
-        workers = settings.workers
-        if workers == "auto":
-            workers = encode_workers_for(video.width, video.height, os.cpu_count(), pix_fmt)
-        if workers == 1:
-            return VideoEncoder(path, video.width, video.height, fps, self.encoder, self.ffmpeg, input_pix_fmt=pix_fmt)
+    def _video_encoder(self, path: Path, video: VideoInfo, plan: RequestPlan, work_dir: Path):
+        """One ffmpeg, or `plan.encode_workers` on consecutive segments."""
+        pix_fmt = plan.encode_pix_fmt
+        if plan.encode_workers == 1:
+            return VideoEncoder(path, video.width, video.height, plan.fps, self.encoder, self.ffmpeg, input_pix_fmt=pix_fmt)
         return SegmentedEncoder(
-            path, video.width, video.height, fps, self.encoder, self.ffmpeg,
-            workers=workers, segment_frames=settings.segment_frames, input_pix_fmt=pix_fmt, tmp_dir=work_dir,
+            path, video.width, video.height, plan.fps, self.encoder, self.ffmpeg,
+            workers=plan.encode_workers, segment_frames=self.settings.encode.segment_frames, input_pix_fmt=pix_fmt, tmp_dir=work_dir,
         )  # fmt: skip
 
     def _fps(self, request: LipsyncRequest, video: VideoInfo) -> Fraction:
@@ -417,35 +244,15 @@ class LipsyncPipeline:
         return build() if self.avatars is None else self.avatars.get_or_build(key, build, cancel)
 
     def _build_avatar(self, key: str, options: dict, request: LipsyncRequest, video: VideoInfo, fps: Fraction, timer: PhaseTimer, progress: Progress, cancel: threading.Event | None) -> Avatar:
-        """Decode the whole video once: boxes (face phase), latents (VAE encode), masks (BiSeNet)."""
-        builder = AvatarBuilder(self.models, request, self.settings.face, fps)
-        blender = FaceBlender(self.models, request, retain=True)
-        estimate = max(video.frame_count, 1)
-        # As in a request on a new video, so both prepare the same avatar.
-        upload = None
-        if self._decodes_yuv420p(video, request, new_video=True):
-            upload = DeviceFrameUploader(self.models.device, video.width, video.height)
-
-        def read_batches():
-            with VideoReader(request.video_path, video, fps, self.ffmpeg, "yuv420p" if upload else "bgr24") as reader:
-                while True:
-                    with timer.phase("read"):
-                        frames = reader.read(PREP_BATCH)
-                        if len(frames) and upload is not None:
-                            frames = upload(frames)
-                    if not len(frames):
-                        return
-                    yield frames
-
-        reader = Prefetch("musetalk-prepare", read_batches())
+        """Decode the whole video once through the preparation stream a request on a new video
+        runs (pipeline/prepare.py): boxes (face phase), latents (VAE encode), masks (parse)."""
+        plan = plan_preparation(self.settings, str(self.models.device), request, video, fps)
+        stages = preparation_pass(self._context(timer), request, video, plan, progress)
         try:
-            for frames in reader:
-                _check_cancel(cancel)
-                self._prepare_batch(builder, blender, frames, timer)
-                progress("prepare", builder.located, max(estimate, builder.located))
+            stages.run(cancel)
         finally:
-            reader.close()
-        return builder.finish(key, options, video.width, video.height, request.video_path, blender.export_masks())
+            stages.close()
+        return stages.preparation.finish(key, options, video.width, video.height, request.video_path)
 
     def _sync(self) -> None:
         """Wait for the work the calling thread queued (its current stream), for busy times.
@@ -477,8 +284,3 @@ class LipsyncPipeline:
 
 def _no_progress(phase: str, done: int, total: int) -> None:
     pass
-
-
-def _check_cancel(cancel: threading.Event | None) -> None:
-    if cancel is not None and cancel.is_set():
-        raise Cancelled("the job was cancelled")

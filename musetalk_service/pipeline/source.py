@@ -10,6 +10,7 @@ stays flat however long the video is; reads go through the page cache, not our h
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
@@ -17,6 +18,10 @@ import numpy as np
 
 from musetalk_service.media.decode import VideoReader
 from musetalk_service.media.probe import VideoInfo
+from musetalk_service.pipeline.batch import Batch
+from musetalk_service.pipeline.frames import DeviceFrames, DeviceFrameUploader
+from musetalk_service.pipeline.plan import RequestPlan
+from musetalk_service.pipeline.timing import PhaseTimer
 
 
 def pingpong_index(i: int, n: int) -> int:
@@ -67,6 +72,7 @@ class SourceFrames:
     unknown count, when the output is clearly longer than the probe's estimate. Should a video
     whose estimate said otherwise turn out to need it, it is decoded again into the store, once.
     `pix_fmt`: the frames' form, as for `VideoReader` (BGR, or yuv420p planes as decoded).
+    `output_frames` 0 (and `work_dir` None): no output, the frames are only read on (`remaining`).
     """
 
     # A container's duration can be a little off: only beyond this margin is a cycle certain.
@@ -78,7 +84,7 @@ class SourceFrames:
         info: VideoInfo,
         fps: Fraction,
         ffmpeg: str,
-        work_dir: Path,
+        work_dir: Path | None,
         output_frames: int,
         frame_count: int | None,
         pix_fmt: str = "bgr24",
@@ -89,9 +95,10 @@ class SourceFrames:
             cycles = output_frames > frame_count
         else:
             estimate = round(info.duration_s * fps) if info.duration_s else info.frame_count
-            cycles = not estimate or output_frames > estimate * self._ESTIMATE_MARGIN
+            cycles = output_frames > 0 and (not estimate or output_frames > estimate * self._ESTIMATE_MARGIN)
         self._reader = self._open().__enter__()
-        self._store_path = work_dir / "frames.raw"
+        # No work dir: nothing is output (an avatar prepared ahead), so nothing is ever stored.
+        self._store_path = work_dir / "frames.raw" if work_dir is not None else None
         self._store = FrameStore(self._store_path, self._reader.frame_shape) if cycles else None
         self._read = 0
 
@@ -133,14 +140,25 @@ class SourceFrames:
         frames = rest if not len(fresh) else np.concatenate([fresh, rest])
         return sources, frames, len(fresh)
 
-    def remaining(self, batch: int):
+    @property
+    def decoded(self) -> int:
+        """Source frames decoded so far in the first pass."""
+        return self._read
+
+    def read_on(self, n: int) -> np.ndarray:
+        """The first pass's next `n` frames, past what the output asked for (for the avatar only:
+        they are not stored for a cycle); fewer at the video's end, which makes `frame_count` known."""
+        frames = self._reader.read(n)
+        self._read += len(frames)
+        if len(frames) < n:
+            self.frame_count = self._read
+        return frames
+
+    def remaining(self, batch: int) -> Iterator[np.ndarray]:
         """The first pass's frames the output did not reach (the audio was shorter than the
         video), in batches of up to `batch`; afterwards `frame_count` is known."""
         while self.frame_count is None:
-            frames = self._reader.read(batch)
-            self._read += len(frames)
-            if len(frames) < batch:
-                self.frame_count = self._read
+            frames = self.read_on(batch)
             if len(frames):
                 yield frames
 
@@ -160,3 +178,66 @@ class SourceFrames:
         self._reader.__exit__(None, None, None)
         if self._store is not None:
             self._store.close()
+
+
+class ReadStage:
+    """Read phase (the decoder thread): the plan's batches as `Batch` records, in order.
+
+    First the output's batches (`SourceFrames.take`); then, when the pass prepares the video's
+    avatar, the frames the output did not reach, `plan.prep_batch` at a time (all of a video
+    prepared ahead of time, whose plan has no output frames). Where the face phase and the masks
+    read BGR and the video is decoded as its planes, each batch is made BGR on the device.
+    """
+
+    def __init__(self, plan: RequestPlan, source: SourceFrames, upload: DeviceFrameUploader | None, timer: PhaseTimer):
+        self.plan = plan
+        self.source = source
+        self.upload = upload
+        self.timer = timer
+
+    def batches(self) -> Iterator[Batch]:
+        plan = self.plan
+        for start in range(0, plan.frames, plan.batch_size):
+            with self.timer.phase("read"):
+                batch = self._output_batch(list(range(start, min(start + plan.batch_size, plan.frames))))
+            yield batch
+        if not plan.prepares:
+            return
+        chunks = self.source.remaining(plan.prep_batch)
+        while True:
+            with self.timer.phase("read"):
+                frames = next(chunks, None)
+                if frames is None:
+                    return
+                batch = Batch([], [], frames[:0], np.zeros(0), None, self._bgr(frames))
+            yield batch
+
+    def _output_batch(self, indices: list[int]) -> Batch:
+        sources, frames, fresh = self.source.take(indices)
+        weights = self.plan.silence.weights[indices]
+        ahead = self._ahead(indices)
+        if not len(ahead):
+            bgr = self._bgr(frames)
+            prepare = bgr[:fresh] if self.plan.prepares and fresh and bgr is not None else None
+            return Batch(indices, sources, frames, weights, bgr, prepare)
+        # The video goes on past the output (so every frame of this batch is fresh): the face
+        # phase sees the frames up to the next run boundary at once, as a preparation ahead would.
+        both = self._bgr(np.concatenate([frames, ahead]))
+        bgr = both[: len(frames)] if self.upload is not None else frames
+        return Batch(indices, sources, frames, weights, bgr, both)
+
+    def _ahead(self, indices: list[int]) -> np.ndarray:
+        """A new video's frames after the output's last, up to the next `prep_batch` boundary
+        (`plan.aligns_prep`); none otherwise."""
+        source, plan = self.source, self.plan
+        short = -source.decoded % plan.prep_batch
+        if not plan.aligns_prep or indices[-1] + 1 < plan.frames or source.frame_count is not None or not short:
+            return np.empty((0,), np.uint8)
+        return source.read_on(short)
+
+    def _bgr(self, frames: np.ndarray) -> np.ndarray | DeviceFrames | None:
+        """What the face and parse phases read: BGR frames as decoded, a new video's planes made
+        BGR on the device; a prepared avatar's planes need none (None)."""
+        if self.plan.decode_pix_fmt == "bgr24":
+            return frames
+        return self.upload(frames) if self.upload is not None else None

@@ -392,13 +392,13 @@ def test_running_out_of_gpu_memory_names_the_cap_and_leaves_nothing(tiny_pipelin
     service's error naming the setting, with nothing left behind."""
     import torch
 
-    import musetalk_service.pipeline.runner as runner
+    import musetalk_service.pipeline.generate as generate
     from musetalk_service.errors import GpuMemoryExhausted
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
 
-    monkeypatch.setattr(runner, "generate_faces", out_of_memory)
+    monkeypatch.setattr(generate, "generate_faces", out_of_memory)
     request = LipsyncRequest.with_defaults(
         tiny_pipeline.settings.lipsync, video_path=make_video(1.0, 25, (128, 128)), audio_path=make_audio(1.0, ".wav"),
         output_path=tmp_path / "out.mp4", face_box=(32, 32, 96, 112), batch_size=4,

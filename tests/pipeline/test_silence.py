@@ -67,7 +67,7 @@ def test_fades_step_monotonically_into_silence_and_an_all_silent_track_is_all_ze
 
 def test_silent_frames_pass_through_untouched_and_the_unet_skips_them(tiny_pipeline, tmp_path, monkeypatch):
     from musetalk_service.media.encode import VideoEncoder
-    import musetalk_service.pipeline.runner as runner
+    import musetalk_service.pipeline.generate as generate
     from musetalk_service.pipeline.source import pingpong_index
     from tests.pipeline.test_runner import decode_all, indexed_video
 
@@ -75,8 +75,8 @@ def test_silent_frames_pass_through_untouched_and_the_unet_skips_them(tiny_pipel
     real_write = VideoEncoder.write
     monkeypatch.setattr(VideoEncoder, "write", lambda self, frames: (written.append(np.asarray(frames).reshape(-1, 256, 256, 3)), real_write(self, frames))[1])
     sent: list[int] = []
-    real_generate = runner.generate_faces
-    monkeypatch.setattr(runner, "generate_faces", lambda models, latents, windows: (sent.append(len(latents)), real_generate(models, latents, windows))[1])
+    real_generate = generate.generate_faces
+    monkeypatch.setattr(generate, "generate_faces", lambda models, latents, windows: (sent.append(len(latents)), real_generate(models, latents, windows))[1])
     video = indexed_video(tmp_path / "v.mp4", 12, Fraction(25), tiny_pipeline.ffmpeg, tiny_pipeline.settings)
     audio = write_audio(tmp_path / "a.wav", _track()[: int(2.4 * SR)])
     request = LipsyncRequest.with_defaults(
@@ -142,15 +142,16 @@ def test_boundaries_fade_monotonically_and_silence_is_as_close_to_the_source_as_
 def test_an_all_silent_track_gives_the_source_video_back_with_its_audio_without_a_face(tiny_pipeline, tmp_path, monkeypatch):
     """No face box, and no face phase at all (no avatar is built): a video where no face would be
     found gives its frames back too."""
-    import musetalk_service.pipeline.runner as runner
+    import musetalk_service.pipeline.flow as flow
+    import musetalk_service.pipeline.generate as generate
     from musetalk_service.media.probe import probe_audio
     from tests.pipeline.test_runner import frame_codes
 
     def never(*args, **kwargs):
         raise AssertionError("a face phase or the UNet ran")
 
-    monkeypatch.setattr(runner, "generate_faces", never)
-    monkeypatch.setattr(runner, "AvatarBuilder", never)
+    monkeypatch.setattr(generate, "generate_faces", never)
+    monkeypatch.setattr(flow, "AvatarPreparation", never)
     silent = np.zeros(int(0.8 * SR), np.float32)
     result, out, source = _silence_run(tiny_pipeline, tmp_path, silent)
     assert result.frames == 20 == result.frames_silent and result.frames_generated == 0 and result.avatar_id is None
