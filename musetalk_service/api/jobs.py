@@ -271,6 +271,20 @@ class JobManager:
             position = self._queue.index(job) + 1 if job.status is JobStatus.QUEUED else None
             return job._to_dict_locked(time.monotonic(), queue_position=position)
 
+    def snapshots(self, status: JobStatus | None = None, limit: int | None = None) -> list[dict]:
+        """Snapshots of the jobs kept, newest first, each as `snapshot` gives it: only those of
+        `status` when given, at most `limit` of them."""
+        with self._lock:
+            now = time.monotonic()
+            positions = {job.id: place for place, job in enumerate(self._queue, 1)}
+            picked: list[dict] = []
+            for job in reversed(self._jobs.values()):  # kept in submission order
+                if limit is not None and len(picked) >= limit:
+                    break
+                if status is None or job.status is status:
+                    picked.append(job._to_dict_locked(now, queue_position=positions.get(job.id)))
+            return picked
+
     def cancel(self, job_id: str) -> Job:
         """Cancel: a queued job ends now; a running one is asked to stop at its next batch
         (status stays running, `cancel_requested` true, until the pipeline returns). A finished

@@ -205,6 +205,12 @@ class JobResponse(BaseModel):
     output_url: str | None = Field(description="Once a lip-sync succeeded: where to download the MP4.")
 
 
+class JobList(BaseModel):
+    """`GET /jobs`."""
+
+    jobs: list[JobResponse] = Field(description="Newest first.")
+
+
 class HealthResponse(BaseModel):
     """Liveness: the process answers. Cheap; never waits for the GPU."""
 
@@ -253,3 +259,4 @@ class ErrorResponse(BaseModel):
 
 
 JobResponse.model_rebuild()
+JobList.model_rebuild()
