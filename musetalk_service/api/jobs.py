@@ -7,12 +7,14 @@ enforces the per-job time limit and forgets finished jobs after `keep_finished_s
 Contract with `run(request, progress, cancel)`: it blocks until done and returns a
 `LipsyncResult`, raises a `ServiceError`, or raises `errors.Cancelled` soon after `cancel` is set
 (between batches), having ended its ffmpeg and removed its partial files. `progress(phase, done,
-total)` reports the phase now running and frames done of total; a phase is credited with the
-wall time until the next report that names another phase (approximate "timings so far"; a
-succeeded job shows the pipeline's own timings instead). Once cancel has been requested, any
-failure of `run` is reported as that cancellation (a pipeline killed mid-write may raise an
-ffmpeg error rather than `Cancelled`); a `run` that ignores `cancel` cannot be stopped, and
-`shutdown` then returns False after its timeout.
+total)` reports the phase now running and frames done of total. Before its first report a job's
+phase is the manager's own: `queued` while it waits, `starting` once `run` has it; its
+`frames_total` is what `submit` was told (the output frames the request's check counted), until
+`run` reports its own. A phase is credited with the wall time until the next report that names
+another phase (approximate "timings so far"; a succeeded job shows the pipeline's own timings
+instead). Once cancel has been requested, any failure of `run` is reported as that cancellation
+(a pipeline killed mid-write may raise an ffmpeg error rather than `Cancelled`); a `run` that
+ignores `cancel` cannot be stopped, and `shutdown` then returns False after its timeout.
 
 Time limit: counted from submission, so it bounds queue wait plus run. A queued job past it fails
 at once; a running one gets its cancel event set and ends as failed, code `time_limit_exceeded`.
@@ -105,16 +107,21 @@ def _iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
 
 
+QUEUED_PHASE = "queued"
+STARTING_PHASE = "starting"
+"""A job's phase before `run` reports one: waiting for the GPU; running, nothing reported yet."""
+
+
 class Job:
     """One submitted request and what has become of it (see the module doc for thread rules)."""
 
-    def __init__(self, request: LipsyncRequest, lock: threading.Lock):
+    def __init__(self, request: LipsyncRequest, lock: threading.Lock, frames_total: int = 0):
         self.id: str = uuid.uuid4().hex
         self.request = request
         self.status = JobStatus.QUEUED
-        self.phase: str | None = None
+        self.phase: str = QUEUED_PHASE
         self.frames_done = 0
-        self.frames_total = 0
+        self.frames_total = frames_total
         self.result: LipsyncResult | None = None
         self.error: ServiceError | None = None
         """Set when failed or cancelled; the sync route can `raise job.error`."""
@@ -151,7 +158,7 @@ class Job:
         return (self._finished_mono or now) - self._started_mono
 
     def _close_phase(self, now: float) -> None:
-        if self.phase is not None and self._phase_mono is not None:
+        if self._phase_mono is not None:
             self._phase_seconds[self.phase] = self._phase_seconds.get(self.phase, 0.0) + (now - self._phase_mono)
         self._phase_mono = now
 
@@ -159,7 +166,7 @@ class Job:
         if self.result is not None:
             return dict(self.result.timings)
         timings = dict(self._phase_seconds)
-        if self.status is JobStatus.RUNNING and self.phase is not None and self._phase_mono is not None:
+        if self.status is JobStatus.RUNNING and self._phase_mono is not None:
             timings[self.phase] = timings.get(self.phase, 0.0) + (now - self._phase_mono)
         return {k: round(v, 3) for k, v in timings.items()}
 
@@ -240,8 +247,9 @@ class JobManager:
 
     # -- public API ----------------------------------------------------------------------------
 
-    def submit(self, request: LipsyncRequest) -> Job:
-        """Queue a job. Raises `QueueFull` (429) or `ShuttingDown` (503)."""
+    def submit(self, request: LipsyncRequest, *, frames_total: int = 0) -> Job:
+        """Queue a job; `frames_total`: the output frames it will make, where known (0: not yet).
+        Raises `QueueFull` (429) or `ShuttingDown` (503)."""
         with self._lock:
             if not self._accepting:
                 raise ShuttingDown("the service is shutting down and takes no new jobs; retry on another instance")
@@ -251,7 +259,7 @@ class JobManager:
                     f"the queue is full ({self.max_queue} jobs waiting for the GPU); retry in about {retry} s",
                     retry_after_s=retry,
                 )
-            job = Job(request, self._lock)
+            job = Job(request, self._lock, frames_total)
             self._jobs[job.id] = job
             self._queue.append(job)
             self._changed.notify_all()
@@ -402,6 +410,7 @@ class JobManager:
                     job.status = JobStatus.RUNNING
                     job.started_at = time.time()
                     job._started_mono = now
+                    job.phase = STARTING_PHASE
                     job._phase_mono = now
                     self._changed.notify_all()  # the housekeeper watches its deadline
                     event = self._event_locked(job, "job_started")
@@ -565,9 +574,7 @@ class JobManager:
 
     def _event_locked(self, job: Job, name: str) -> dict:
         now = time.monotonic()
-        event: dict = {"event": name, "job_id": job.id, "status": job.status.value}
-        if job.phase is not None:
-            event["phase"] = job.phase
+        event: dict = {"event": name, "job_id": job.id, "status": job.status.value, "phase": job.phase}
         if job.frames_total:
             event["frames_done"] = job.frames_done
             event["frames_total"] = job.frames_total

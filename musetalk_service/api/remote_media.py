@@ -255,7 +255,7 @@ def fetch_and_run(
     folder: Path,
     max_bytes: int,
     settings: UrlSettings,
-    check: Callable[[LipsyncRequest, dict[str, Any] | None], None],
+    check: Callable[[LipsyncRequest, dict[str, Any] | None], int],
     progress: ProgressFn | None = None,
     cancel: threading.Event | None = None,
 ) -> LipsyncResult | UploadedResult:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import uuid
+from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pydantic
 from fastapi import Request
@@ -25,6 +25,7 @@ from musetalk_service.api.uploads import ReceivedForm
 from musetalk_service.contract import is_avatar_id
 from musetalk_service.errors import AvatarNotFound, InvalidOption
 from musetalk_service.media.probe import probe_audio, probe_video
+from musetalk_service.media.rates import SPEECH_SAMPLE_RATE, frame_count, output_rate
 from musetalk_service.contract import LipsyncRequest
 from musetalk_service.settings import LimitSettings, Settings
 
@@ -111,7 +112,13 @@ def body_from_form(
 # --- checked requests ---------------------------------------------------------------------------------
 
 
-def checked_request(service: Service, body: LipsyncBody, uploaded: frozenset[str]) -> LipsyncRequest | UrlTask:
+class CheckedLipsync(NamedTuple):
+    task: LipsyncRequest | UrlTask
+    frames: int
+    """The output's frame count (`check_limits`); 0 while a medium is a URL not fetched yet."""
+
+
+def checked_request(service: Service, body: LipsyncBody, uploaded: frozenset[str]) -> CheckedLipsync:
     """A lip-sync body as a request whose paths, avatar and media limits are checked (blocking: probes).
 
     With URL fields it is a `UrlTask`: the URLs are checked now, the media they name when the job
@@ -126,12 +133,10 @@ def checked_request(service: Service, body: LipsyncBody, uploaded: frozenset[str
     body = body.model_copy(update=fetched)
     request = prepare_request(body, service.settings, service.paths, uploaded=uploaded | fetched.keys())
     avatar = find_avatar(service.pipeline, body.avatar_id) if body.avatar_id is not None else None
+    frames = 0 if fetched else check_limits(request, service.settings, avatar)
     if not urls:
-        check_limits(request, service.settings, avatar)
-        return request
-    if not fetched:
-        check_limits(request, service.settings, avatar)
-    return UrlTask(request, urls, avatar=avatar, auto_output=body.output_path is None)
+        return CheckedLipsync(request, frames)
+    return CheckedLipsync(UrlTask(request, urls, avatar=avatar, auto_output=body.output_path is None), frames)
 
 
 def checked_avatar_request(service: Service, body: AvatarBody, uploaded: frozenset[str]) -> LipsyncRequest:
@@ -218,19 +223,20 @@ def _safe_stem(stem: str) -> str:
 # --- limits --------------------------------------------------------------------------------------------
 
 
-def check_limits(request: LipsyncRequest, settings: Settings, avatar: dict | None = None) -> None:
-    """Probe both media and hold them to `settings.limits` (422 with a code naming the limit).
+def check_limits(request: LipsyncRequest, settings: Settings, avatar: dict | None = None) -> int:
+    """Probe both media and hold them to `settings.limits` (422 with a code naming the limit);
+    the output's frame count, as the pipeline will count it from the decoded speech track.
 
     The probe also fails a file that is not usable media, before it waits in the queue.
     """
     limits = settings.limits
     if avatar is not None:
-        fps = _fraction(avatar["fps"])
+        fps = Fraction(avatar["fps"])
         _check_size(int(avatar["width"]), int(avatar["height"]), limits)
     else:
         video = probe_video(request.video_path)
         _check_video(video, limits, None if request.face_box else settings.face.detect_max_side)
-        fps = request.fps or float(video.fps)
+        fps = output_rate(request.fps, video.fps)
         check_face_box(request, video)
     audio = probe_audio(request.audio_path)
     if audio.duration_s > limits.max_audio_seconds:
@@ -239,13 +245,14 @@ def check_limits(request: LipsyncRequest, settings: Settings, avatar: dict | Non
             "(limits.max_audio_seconds)",
             code="audio_too_long",
         )
-    frames = math.floor(audio.duration_s * float(fps))
+    frames = frame_count(round(audio.duration_s * SPEECH_SAMPLE_RATE), fps)
     if frames > limits.max_frames:
         raise LimitExceeded(
             f"the output would have {frames} frames ({audio.duration_s:.1f} s at {float(fps):g} fps), over the "
             f"limit of {limits.max_frames} (limits.max_frames); send shorter audio or a lower fps",
             code="too_many_frames",
         )
+    return frames
 
 
 def check_face_box(request: LipsyncRequest, video: Any) -> None:
@@ -284,7 +291,3 @@ def _check_size(width: int, height: int, limits: LimitSettings, detect_max_side:
             code="resolution_too_large",
         )
 
-
-def _fraction(text: str) -> float:
-    num, _, den = str(text).partition("/")
-    return float(num) / float(den or 1)

@@ -184,11 +184,16 @@ class JobResponse(BaseModel):
 
     job_id: str
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
-    phase: str | None = Field(
-        description="What it is doing: `prepare` (face boxes, latents, masks), `frames` (lip-sync), `done`."
+    phase: str = Field(
+        description="What it is doing: `queued` (waiting for the GPU), `starting` (probing the media, the speech "
+        "features), `prepare` (an avatar's face boxes, latents, masks), `frames` (lip-sync), `done`."
     )
     frames_done: int = Field(description="Frames done in the current phase.")
-    frames_total: int = Field(description="Frames the current phase will do (0 until known).")
+    frames_total: int = Field(
+        description="Frames the current phase will do. A lip-sync's output frames from its submission, as counted from "
+        "its probed speech track (the pipeline's own count once it has decoded it); 0 until known (media by URL, "
+        "an avatar's preparation)."
+    )
     cancel_requested: bool = Field(description="A cancel (client, time limit or shutdown) is on its way.")
     queue_position: int | None = Field(description="1-based place in the queue while queued.")
     created_at: str | None

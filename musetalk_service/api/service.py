@@ -167,7 +167,7 @@ class Service:
         self._cache_seen = {"hits": 0, "misses": 0}
         self._cache_lock = threading.Lock()
         self.callbacks = CallbackSender(settings.urls)
-        self.check_limits: Callable[[LipsyncRequest, dict[str, Any] | None], None] | None = None
+        self.check_limits: Callable[[LipsyncRequest, dict[str, Any] | None], int] | None = None
         """Holds fetched media to the limits (api/requests.py's check, set by `create_app`)."""
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -253,14 +253,15 @@ class Service:
 
     # -- jobs ----------------------------------------------------------------------------------------
 
-    def submit(self, request: object, files: JobFiles) -> Job:
-        """Queue `request` (a LipsyncRequest or an AvatarTask) owning `files`; on refusal the files go."""
+    def submit(self, request: object, files: JobFiles, *, frames_total: int = 0) -> Job:
+        """Queue `request` (a LipsyncRequest or an AvatarTask) owning `files`; on refusal the files go.
+        `frames_total`: the output frames it will make, where the check knows them (else 0)."""
         assert self.jobs is not None
         self.require_loaded()
         with self._files_lock:
             self._files[id(request)] = (request, files)
         try:
-            return self.jobs.submit(request)  # type: ignore[arg-type]
+            return self.jobs.submit(request, frames_total=frames_total)  # type: ignore[arg-type]
         except BaseException:
             self._release(request, forget=True)
             raise

@@ -226,8 +226,11 @@ def test_snapshot_reports_phase_frames_and_timings(thread_baseline):
         snap = jm.snapshot(a.id)
         assert snap["status"] == "running" and snap["phase"] == "unet"
         assert (snap["frames_done"], snap["frames_total"]) == (3, 10)
-        assert set(snap["timings"]) == {"read", "unet"}
+        assert set(snap["timings"]) == {"starting", "read", "unet"}  # `starting`: until run's first report
         assert snap["result"] is None and snap["error"] is None and snap["started_at"]
+        b = jm.submit(req("b"), frames_total=40)
+        waiting = jm.snapshot(b.id)
+        assert (waiting["phase"], waiting["frames_done"], waiting["frames_total"], waiting["timings"]) == ("queued", 0, 40, {})
         run.release.set()
         jm.wait(a.id, WAIT)
         done = a.to_dict()

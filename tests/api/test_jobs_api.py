@@ -109,6 +109,28 @@ def test_jobs_are_listed_newest_first_filtered_by_status_and_limited(serve, tiny
     assert later == ["succeeded", "cancelled", "succeeded"]
 
 
+def test_a_new_job_shows_its_phase_and_frames_total_from_submission(serve, tiny_pipeline, small_video, make_audio):
+    # Each track and rate as the pipeline will count it: 0.5 s is 12 frames at 25 fps, 14 at 30000/1001.
+    cases = [(make_audio(0.5, ".wav", 44100), None), (make_audio(0.5, ".m4a"), "30000/1001"), (make_audio(0.5, ".mp3"), 24)]
+    pipeline = ControlledPipeline(tiny_pipeline, gated=True)
+    with serve(pipeline=pipeline) as client:
+        ids = []
+        for audio, fps in cases:
+            extra = {"fps": fps} if fps else {}
+            ids.append(client.post("/jobs", json=body(small_video, audio, **extra)).json()["job_id"])
+        wait_until(lambda: len(pipeline.started) == 1, message="first job running")
+        first_views = [client.get(f"/jobs/{job_id}").json() for job_id in ids]
+        pipeline.gate.set()
+        done = [wait_job(client, job_id) for job_id in ids]
+
+    assert [(v["status"], v["phase"]) for v in first_views] == [("running", "starting"), ("queued", "queued"), ("queued", "queued")]
+    assert [v["frames_done"] for v in first_views] == [0, 0, 0]
+    assert [v["status"] for v in done] == ["succeeded"] * 3
+    assert [v["frames_total"] for v in first_views] == [v["result"]["frames"] for v in done]
+    assert [v["result"]["frames"] for v in done] == [12, 14, 12]
+    assert "queued" not in done[1]["timings"] and "starting" not in done[1]["timings"]  # the pipeline's own, once done
+
+
 def test_cancel_a_queued_job_ends_it_at_once_and_it_never_runs(serve, tiny_pipeline, small_video, short_audio):
     pipeline = ControlledPipeline(tiny_pipeline, gated=True)
     with serve(pipeline=pipeline) as client:

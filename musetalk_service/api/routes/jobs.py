@@ -109,11 +109,11 @@ async def _submit_lipsync(service: Service, http: Request) -> Job:
     files = JobFiles()
     try:
         body, uploaded, _ = await read_body(http, service, files, LipsyncBody, LIPSYNC_FILES)
-        request = await anyio.to_thread.run_sync(checked_request, service, body, uploaded)
+        request, frames = await anyio.to_thread.run_sync(checked_request, service, body, uploaded)
         if body.output_path is None:
             files.auto_output = request.request.output_path if isinstance(request, UrlTask) else request.output_path
     except BaseException:
         if files.upload_dir is not None:
             shutil.rmtree(files.upload_dir, ignore_errors=True)
         raise
-    return service.submit(request, files)
+    return service.submit(request, files, frames_total=frames)
