@@ -61,6 +61,11 @@ ShutdownMode = Literal["finish", "cancel"]
 
 _RECENT_RUNS = 20
 _MAX_RETRY_AFTER_S = 3600
+_THROUGHPUT_WEIGHT = 0.3
+"""Weight of the latest finished lip-sync in the throughput's moving average: a few jobs settle it."""
+DEFAULT_THROUGHPUT_FPS = 25.0
+"""Output frames per second assumed before any lip-sync has finished: real time at 25 fps, below
+what one GPU does (90-290 fps on an H100), so the first estimates err long, not short."""
 _IDLE_WAKE_S = 3600.0
 _CANCEL_MESSAGES = {"client": "job cancelled by its client", "shutdown": "job cancelled: the service is shutting down"}
 
@@ -197,8 +202,9 @@ class JobManager:
     `max_queue` counts jobs waiting (the running one is extra). `keep_finished_s`: how long a
     finished job stays readable before it is forgotten and `on_forget(job)` runs (temp-file
     cleanup); `on_finish(job)` runs once when a job succeeds, fails or is cancelled (callbacks).
-    `time_limit_s`: None for no limit. `default_retry_after_s`: the Retry-After
-    estimate before any job has succeeded. Threads start here; call `shutdown` to stop them.
+    `time_limit_s`: None for no limit. `default_fps` and `default_job_s`: the throughput, and
+    the run time of a job of unknown size, assumed for Retry-After (`_retry_after_locked`) until
+    jobs have succeeded. Threads start here; call `shutdown` to stop them.
     """
 
     def __init__(
@@ -211,7 +217,8 @@ class JobManager:
         metrics: ServiceMetrics | None = None,
         on_forget: Callable[[Job], None] | None = None,
         on_finish: Callable[[Job], None] | None = None,
-        default_retry_after_s: float = 10.0,
+        default_fps: float = DEFAULT_THROUGHPUT_FPS,
+        default_job_s: float = 10.0,
     ):
         if max_queue < 1:
             raise ValueError(f"max_queue must be at least 1, got {max_queue}")
@@ -226,7 +233,9 @@ class JobManager:
         self._metrics = metrics
         self._on_forget = on_forget
         self._on_finish = on_finish
-        self._default_retry_after_s = default_retry_after_s
+        if default_fps <= 0 or default_job_s <= 0:
+            raise ValueError(f"default_fps and default_job_s must be > 0, got {default_fps} and {default_job_s}")
+        self._default_job_s = default_job_s
 
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -234,6 +243,9 @@ class JobManager:
         self._jobs: dict[str, Job] = {}
         self._running: Job | None = None
         self._recent_run_s: collections.deque[float] = collections.deque(maxlen=_RECENT_RUNS)
+        self._throughput_fps = default_fps
+        """Output frames per second of the lip-syncs that succeeded lately (a moving average)."""
+        self._throughput_measured = False
         self._accepting = True
         self._worker_stop = False
         self._housekeeper_stop = False
@@ -527,15 +539,33 @@ class JobManager:
         )
 
     def _retry_after_locked(self, now: float) -> int:
-        """Seconds until a queue slot likely frees: the running job's expected remaining time."""
-        typical = statistics.median(self._recent_run_s) if self._recent_run_s else self._default_retry_after_s
-        remaining = typical
-        running = self._running
-        if running is not None and running._started_mono is not None:
-            remaining = typical - (now - running._started_mono)
-            if self.time_limit_s is not None:
-                remaining = min(remaining, running._created_mono + self.time_limit_s - now)
-        return int(min(max(1, math.ceil(remaining)), _MAX_RETRY_AFTER_S))
+        """Whole seconds the GPU needs for the work ahead of a new job (1 to `_MAX_RETRY_AFTER_S`):
+        the running job's and every queued job's (`_work_left_s_locked`)."""
+        ahead = [*([self._running] if self._running is not None else []), *self._queue]
+        seconds = sum(self._work_left_s_locked(job, now) for job in ahead)
+        return int(min(max(1, math.ceil(seconds)), _MAX_RETRY_AFTER_S))
+
+    def _work_left_s_locked(self, job: Job, now: float) -> float:
+        """Seconds until `job` is done: its frames still to do at the recent throughput; for a job
+        of unknown size (media by URL, an avatar's preparation), a recent job's typical run time
+        less what it has run. Never past its time limit."""
+        if job.frames_total > 0:
+            left = max(0, job.frames_total - job.frames_done) / self._throughput_fps
+        else:
+            typical = statistics.median(self._recent_run_s) if self._recent_run_s else self._default_job_s
+            left = typical - (now - job._started_mono if job._started_mono is not None else 0.0)
+        if self.time_limit_s is not None:
+            left = min(left, job._created_mono + self.time_limit_s - now)
+        return max(0.0, left)
+
+    def _measure_throughput_locked(self, result: LipsyncResult | None, run_s: float) -> None:
+        frames = getattr(result, "frames", 0)  # an avatar's preparation makes none
+        if frames <= 0 or run_s <= 0:
+            return
+        fps = frames / run_s
+        if self._throughput_measured:
+            fps = (1 - _THROUGHPUT_WEIGHT) * self._throughput_fps + _THROUGHPUT_WEIGHT * fps
+        self._throughput_fps, self._throughput_measured = fps, True
 
     def _finish_locked(
         self, job: Job, status: JobStatus, *, result: LipsyncResult | None = None, error: ServiceError | None = None
@@ -550,6 +580,7 @@ class JobManager:
         run_s = job._run_s(now)
         if status is JobStatus.SUCCEEDED and run_s is not None:
             self._recent_run_s.append(run_s)
+            self._measure_throughput_locked(result, run_s)
         job.done.set()
         self._changed.notify_all()
         event = self._event_locked(job, f"job_{status.value}")
