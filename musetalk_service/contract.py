@@ -150,6 +150,8 @@ class LipsyncTask:
     avatar: AvatarSummary | None = None
     """The avatar `request.avatar_id` names, as found by the check."""
     job_id: str | None = None
+    frames: int = 0
+    """The output frames the check counted (the job's `frames_total` from submission); 0 if unknown."""
     warnings: tuple[str, ...] = ()
     """What the lip-sync will change unasked (odd size cropped, fps resampled, audio re-encoded,
     video cycled), as found by the check (`media.adjustments`): the result carries them."""

@@ -82,7 +82,9 @@ OPEN_PATHS = ("/health",)
 def _document(app: FastAPI, open_paths: tuple[str, ...] | None) -> None:
     """What FastAPI can't see in the OpenAPI document: the routes read their bodies themselves
     (JSON or multipart): add the body schemas their `requestBody` refers to; and the API key the
-    middleware checks (`open_paths` None: no key is configured) as the `X-API-Key` scheme."""
+    middleware checks (`open_paths` None: no key is configured) as the `X-API-Key` scheme. And
+    what it gets wrong: a bad path or query parameter is answered 400 `invalid_option`
+    (api/errors.py), never FastAPI's 422 `HTTPValidationError` it would document."""
     default = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -93,6 +95,12 @@ def _document(app: FastAPI, open_paths: tuple[str, ...] | None) -> None:
                 body = body_schema(model)
                 components.setdefault("schemas", {}).update(body.pop("$defs", {}))
                 components["schemas"][model.__name__] = body
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    if _schema_ref(operation["responses"].get("422", {})) == _VALIDATION_ERROR:
+                        del operation["responses"]["422"]
+            for unused in ("HTTPValidationError", "ValidationError"):
+                components.get("schemas", {}).pop(unused, None)
             if open_paths is not None:
                 components["securitySchemes"] = {"ApiKey": _API_KEY.model.model_dump(mode="json", by_alias=True, exclude_none=True)}
                 for path, operations in schema["paths"].items():
@@ -102,6 +110,13 @@ def _document(app: FastAPI, open_paths: tuple[str, ...] | None) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+_VALIDATION_ERROR = "#/components/schemas/HTTPValidationError"
+
+
+def _schema_ref(response: dict[str, Any]) -> str | None:
+    return response.get("content", {}).get("application/json", {}).get("schema", {}).get("$ref")
 
 
 _API_KEY = APIKeyHeader(

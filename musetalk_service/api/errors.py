@@ -139,8 +139,8 @@ def describe_validation_errors(errors: Sequence[dict]) -> str:
 
 
 def _field(loc: tuple) -> str:
-    """`("body", "face_box", 0)` -> `face_box[0]`."""
-    parts = [str(p) for p in loc if p != "body"]
+    """`("body", "face_box", 0)` -> `face_box[0]`; `("query", "limit")` -> `limit`."""
+    parts = [str(p) for p in loc if p not in ("body", "query")]
     name = parts[0] if parts else "body"
     return name + "".join(f"[{p}]" for p in parts[1:])
 

@@ -7,12 +7,14 @@ enforces the per-job time limit and forgets finished jobs after `keep_finished_s
 Contract with `run(request, progress, cancel)`: it blocks until done and returns a
 `LipsyncResult`, raises a `ServiceError`, or raises `errors.Cancelled` soon after `cancel` is set
 (between batches), having ended its ffmpeg and removed its partial files. `progress(phase, done,
-total)` reports the phase now running and frames done of total; a phase is credited with the
-wall time until the next report that names another phase (approximate "timings so far"; a
-succeeded job shows the pipeline's own timings instead). Once cancel has been requested, any
-failure of `run` is reported as that cancellation (a pipeline killed mid-write may raise an
-ffmpeg error rather than `Cancelled`); a `run` that ignores `cancel` cannot be stopped, and
-`shutdown` then returns False after its timeout.
+total)` reports the phase now running and frames done of total. Before its first report a job's
+phase is the manager's own: `queued` while it waits, `starting` once `run` has it; its
+`frames_total` is what `submit` was told (the output frames the request's check counted), until
+`run` reports its own. A phase is credited with the wall time until the next report that names
+another phase (approximate "timings so far"; a succeeded job shows the pipeline's own timings
+instead). Once cancel has been requested, any failure of `run` is reported as that cancellation
+(a pipeline killed mid-write may raise an ffmpeg error rather than `Cancelled`); a `run` that
+ignores `cancel` cannot be stopped, and `shutdown` then returns False after its timeout.
 
 Time limit: counted from submission, so it bounds queue wait plus run. A queued job past it fails
 at once; a running one gets its cancel event set and ends as failed, code `time_limit_exceeded`.
@@ -59,6 +61,11 @@ ShutdownMode = Literal["finish", "cancel"]
 
 _RECENT_RUNS = 20
 _MAX_RETRY_AFTER_S = 3600
+_THROUGHPUT_WEIGHT = 0.3
+"""Weight of the latest finished lip-sync in the throughput's moving average: a few jobs settle it."""
+DEFAULT_THROUGHPUT_FPS = 25.0
+"""Output frames per second assumed before any lip-sync has finished: real time at 25 fps, below
+what one GPU does (90-290 fps on an H100), so the first estimates err long, not short."""
 _IDLE_WAKE_S = 3600.0
 _CANCEL_MESSAGES = {"client": "job cancelled by its client", "shutdown": "job cancelled: the service is shutting down"}
 
@@ -109,16 +116,21 @@ def _iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
 
 
+QUEUED_PHASE = "queued"
+STARTING_PHASE = "starting"
+"""A job's phase before `run` reports one: waiting for the GPU; running, nothing reported yet."""
+
+
 class Job:
     """One submitted request and what has become of it (see the module doc for thread rules)."""
 
-    def __init__(self, request: LipsyncRequest, lock: threading.Lock):
+    def __init__(self, request: LipsyncRequest, lock: threading.Lock, frames_total: int = 0):
         self.id: str = uuid.uuid4().hex
         self.request = request
         self.status = JobStatus.QUEUED
-        self.phase: str | None = None
+        self.phase: str = QUEUED_PHASE
         self.frames_done = 0
-        self.frames_total = 0
+        self.frames_total = frames_total
         self.result: LipsyncResult | None = None
         self.error: ServiceError | None = None
         """Set when failed or cancelled; the sync route can `raise job.error`."""
@@ -155,7 +167,7 @@ class Job:
         return (self._finished_mono or now) - self._started_mono
 
     def _close_phase(self, now: float) -> None:
-        if self.phase is not None and self._phase_mono is not None:
+        if self._phase_mono is not None:
             self._phase_seconds[self.phase] = self._phase_seconds.get(self.phase, 0.0) + (now - self._phase_mono)
         self._phase_mono = now
 
@@ -163,7 +175,7 @@ class Job:
         if self.result is not None:
             return dict(self.result.timings)
         timings = dict(self._phase_seconds)
-        if self.status is JobStatus.RUNNING and self.phase is not None and self._phase_mono is not None:
+        if self.status is JobStatus.RUNNING and self._phase_mono is not None:
             timings[self.phase] = timings.get(self.phase, 0.0) + (now - self._phase_mono)
         return {k: round(v, 3) for k, v in timings.items()}
 
@@ -195,8 +207,9 @@ class JobManager:
     `max_queue` counts jobs waiting (the running one is extra). `keep_finished_s`: how long a
     finished job stays readable before it is forgotten and `on_forget(job)` runs (temp-file
     cleanup); `on_finish(job)` runs once when a job succeeds, fails or is cancelled (callbacks).
-    `time_limit_s`: None for no limit. `default_retry_after_s`: the Retry-After
-    estimate before any job has succeeded. Threads start here; call `shutdown` to stop them.
+    `time_limit_s`: None for no limit. `default_fps` and `default_job_s`: the throughput, and
+    the run time of a job of unknown size, assumed for Retry-After (`_retry_after_locked`) until
+    jobs have succeeded. Threads start here; call `shutdown` to stop them.
     """
 
     def __init__(
@@ -209,7 +222,8 @@ class JobManager:
         metrics: ServiceMetrics | None = None,
         on_forget: Callable[[Job], None] | None = None,
         on_finish: Callable[[Job], None] | None = None,
-        default_retry_after_s: float = 10.0,
+        default_fps: float = DEFAULT_THROUGHPUT_FPS,
+        default_job_s: float = 10.0,
         workers: int = 1,
     ):
         if max_queue < 1:
@@ -227,7 +241,9 @@ class JobManager:
         self._metrics = metrics
         self._on_forget = on_forget
         self._on_finish = on_finish
-        self._default_retry_after_s = default_retry_after_s
+        if default_fps <= 0 or default_job_s <= 0:
+            raise ValueError(f"default_fps and default_job_s must be > 0, got {default_fps} and {default_job_s}")
+        self._default_job_s = default_job_s
 
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -236,6 +252,9 @@ class JobManager:
         self._running: list[Job] = []
         """Running jobs, oldest start first (at most one per worker)."""
         self._recent_run_s: collections.deque[float] = collections.deque(maxlen=_RECENT_RUNS)
+        self._throughput_fps = default_fps
+        """Output frames per second of the lip-syncs that succeeded lately (a moving average)."""
+        self._throughput_measured = False
         self._accepting = True
         self._worker_stop = False
         self._housekeeper_stop = False
@@ -252,8 +271,9 @@ class JobManager:
 
     # -- public API ----------------------------------------------------------------------------
 
-    def submit(self, request: LipsyncRequest) -> Job:
-        """Queue a job. Raises `QueueFull` (429) or `ShuttingDown` (503)."""
+    def submit(self, request: LipsyncRequest, *, frames_total: int = 0) -> Job:
+        """Queue a job; `frames_total`: the output frames it will make, where known (0: not yet).
+        Raises `QueueFull` (429) or `ShuttingDown` (503)."""
         with self._lock:
             if not self._accepting:
                 raise ShuttingDown(NO_NEW_JOBS)
@@ -263,7 +283,7 @@ class JobManager:
                     f"the queue is full ({self.max_queue} jobs waiting for the GPU); retry in about {retry} s",
                     retry_after_s=retry,
                 )
-            job = Job(request, self._lock)
+            job = Job(request, self._lock, frames_total)
             self._jobs[job.id] = job
             self._queue.append(job)
             self._changed.notify_all()
@@ -282,6 +302,20 @@ class JobManager:
             job = self._get_locked(job_id)
             position = self._queue.index(job) + 1 if job.status is JobStatus.QUEUED else None
             return job._to_dict_locked(time.monotonic(), queue_position=position)
+
+    def snapshots(self, status: JobStatus | None = None, limit: int | None = None) -> list[dict]:
+        """Snapshots of the jobs kept, newest first, each as `snapshot` gives it: only those of
+        `status` when given, at most `limit` of them."""
+        with self._lock:
+            now = time.monotonic()
+            positions = {job.id: place for place, job in enumerate(self._queue, 1)}
+            picked: list[dict] = []
+            for job in reversed(self._jobs.values()):  # kept in submission order
+                if limit is not None and len(picked) >= limit:
+                    break
+                if status is None or job.status is status:
+                    picked.append(job._to_dict_locked(now, queue_position=positions.get(job.id)))
+            return picked
 
     def cancel(self, job_id: str) -> Job:
         """Cancel: a queued job ends now; a running one is asked to stop at its next batch
@@ -401,6 +435,7 @@ class JobManager:
                     job.status = JobStatus.RUNNING
                     job.started_at = time.time()
                     job._started_mono = now
+                    job.phase = STARTING_PHASE
                     job._phase_mono = now
                     self._changed.notify_all()  # the housekeeper watches its deadline
                     event = self._event_locked(job, "job_started")
@@ -518,16 +553,33 @@ class JobManager:
         )
 
     def _retry_after_locked(self, now: float) -> int:
-        """Seconds until a queue slot likely frees: the expected remaining time of the running job
-        that started first (with several workers, the first to finish, likely)."""
-        typical = statistics.median(self._recent_run_s) if self._recent_run_s else self._default_retry_after_s
-        remaining = typical
-        running = self._running[0] if self._running else None
-        if running is not None and running._started_mono is not None:
-            remaining = typical - (now - running._started_mono)
-            if self.time_limit_s is not None:
-                remaining = min(remaining, running._created_mono + self.time_limit_s - now)
-        return int(min(max(1, math.ceil(remaining)), _MAX_RETRY_AFTER_S))
+        """Whole seconds the engines need for the work ahead of a new job (1 to `_MAX_RETRY_AFTER_S`):
+        the running jobs' and every queued job's (`_work_left_s_locked`), shared by the workers."""
+        ahead = [*self._running, *self._queue]
+        seconds = sum(self._work_left_s_locked(job, now) for job in ahead) / len(self._workers)
+        return int(min(max(1, math.ceil(seconds)), _MAX_RETRY_AFTER_S))
+
+    def _work_left_s_locked(self, job: Job, now: float) -> float:
+        """Seconds until `job` is done: its frames still to do at the recent throughput; for a job
+        of unknown size (media by URL, an avatar's preparation), a recent job's typical run time
+        less what it has run. Never past its time limit."""
+        if job.frames_total > 0:
+            left = max(0, job.frames_total - job.frames_done) / self._throughput_fps
+        else:
+            typical = statistics.median(self._recent_run_s) if self._recent_run_s else self._default_job_s
+            left = typical - (now - job._started_mono if job._started_mono is not None else 0.0)
+        if self.time_limit_s is not None:
+            left = min(left, job._created_mono + self.time_limit_s - now)
+        return max(0.0, left)
+
+    def _measure_throughput_locked(self, result: LipsyncResult | None, run_s: float) -> None:
+        frames = getattr(result, "frames", 0)  # an avatar's preparation makes none
+        if frames <= 0 or run_s <= 0:
+            return
+        fps = frames / run_s
+        if self._throughput_measured:
+            fps = (1 - _THROUGHPUT_WEIGHT) * self._throughput_fps + _THROUGHPUT_WEIGHT * fps
+        self._throughput_fps, self._throughput_measured = fps, True
 
     def _finish_locked(
         self, job: Job, status: JobStatus, *, result: LipsyncResult | None = None, error: ServiceError | None = None
@@ -542,6 +594,7 @@ class JobManager:
         run_s = job._run_s(now)
         if status is JobStatus.SUCCEEDED and run_s is not None:
             self._recent_run_s.append(run_s)
+            self._measure_throughput_locked(result, run_s)
         job.done.set()
         self._changed.notify_all()
         event = self._event_locked(job, f"job_{status.value}")
@@ -566,9 +619,7 @@ class JobManager:
 
     def _event_locked(self, job: Job, name: str) -> dict:
         now = time.monotonic()
-        event: dict = {"event": name, "job_id": job.id, "status": job.status.value}
-        if job.phase is not None:
-            event["phase"] = job.phase
+        event: dict = {"event": name, "job_id": job.id, "status": job.status.value, "phase": job.phase}
         if job.frames_total:
             event["frames_done"] = job.frames_done
             event["frames_total"] = job.frames_total

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Iterable
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pydantic
 from fastapi import Request
@@ -28,7 +28,7 @@ from musetalk_service.contract import is_avatar_id
 from musetalk_service.errors import AvatarNotFound, BadAudio, InvalidOption
 from musetalk_service.media.adjustments import output_warnings, source_frames_at
 from musetalk_service.media.probe import VideoInfo, probe_audio, probe_video
-from musetalk_service.media.rates import output_rate
+from musetalk_service.media.rates import SPEECH_SAMPLE_RATE, frame_count, output_rate
 from musetalk_service.contract import AvatarSummary, LipsyncRequest, LipsyncTask
 from musetalk_service.settings import LimitSettings, Settings
 
@@ -116,7 +116,13 @@ def body_from_form(
 # --- checked requests ---------------------------------------------------------------------------------
 
 
-def checked_request(service: Service, body: LipsyncBody, uploaded: frozenset[str]) -> LipsyncTask | UrlTask:
+class CheckedLipsync(NamedTuple):
+    task: LipsyncTask | UrlTask
+    frames: int
+    """The output's frame count (`check_limits`); 0 while a medium is a URL not fetched yet."""
+
+
+def checked_request(service: Service, body: LipsyncBody, uploaded: frozenset[str]) -> CheckedLipsync:
     """A lip-sync body as a task whose paths, avatar and media limits are checked (blocking: probes).
 
     With URL fields it is a `UrlTask`: the URLs are checked now, the media they name when the job
@@ -132,10 +138,10 @@ def checked_request(service: Service, body: LipsyncBody, uploaded: frozenset[str
     request = prepare_request(body, service.settings, service.paths, uploaded=uploaded | fetched.keys())
     avatar = find_avatar(service.pipeline, body.avatar_id) if body.avatar_id is not None else None
     if not urls:
-        return check_limits(request, service.settings, avatar)
-    if not fetched:
-        check_limits(request, service.settings, avatar)
-    return UrlTask(request, urls, avatar=avatar, auto_output=body.output_path is None)
+        task = check_limits(request, service.settings, avatar)
+        return CheckedLipsync(task, task.frames)
+    frames = 0 if fetched else check_limits(request, service.settings, avatar).frames
+    return CheckedLipsync(UrlTask(request, urls, avatar=avatar, auto_output=body.output_path is None), frames)
 
 
 def checked_avatar_request(service: Service, body: AvatarBody, uploaded: frozenset[str]) -> LipsyncRequest:
@@ -235,7 +241,8 @@ def _safe_stem(stem: str) -> str:
 
 def check_limits(request: LipsyncRequest, settings: Settings, avatar: dict | None = None) -> LipsyncTask:
     """Probe both media and hold them to `settings.limits` (422 with a code naming the limit): the
-    checked task, its `warnings` saying what the lip-sync will change unasked (media/adjustments.py).
+    checked task: the output's frame count, as the pipeline will count it from the decoded speech
+    track, and its `warnings` saying what the lip-sync will change unasked (media/adjustments.py).
 
     The probe also fails a file that is not usable media, before it waits in the queue.
     """
@@ -260,7 +267,7 @@ def check_limits(request: LipsyncRequest, settings: Settings, avatar: dict | Non
             "(limits.max_audio_seconds)",
             code="audio_too_long",
         )
-    frames = math.floor(audio.duration_s * fps)
+    frames = frame_count(round(audio.duration_s * SPEECH_SAMPLE_RATE), fps)
     if frames < 1:
         raise BadAudio(
             f"audio_path: the audio lasts {audio.duration_s:.3f} s, shorter than one video frame at {float(fps):g} fps"
@@ -275,7 +282,7 @@ def check_limits(request: LipsyncRequest, settings: Settings, avatar: dict | Non
         width=video.width, height=video.height, source_fps=video.fps, source_frames=source_frames, fps=fps, audio=audio,
         fps_given=request.fps if isinstance(request.fps, float) else None, still=video.is_image,
     )  # fmt: skip
-    return LipsyncTask(request, video, audio, avatar=summary, warnings=tuple(warnings))
+    return LipsyncTask(request, video, audio, avatar=summary, warnings=tuple(warnings), frames=frames)
 
 
 def _frames_at(video: VideoInfo, fps: Fraction) -> int:

@@ -223,11 +223,16 @@ class JobResponse(BaseModel):
 
     job_id: str
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
-    phase: str | None = Field(
-        description="What it is doing: `prepare` (face boxes, latents, masks), `frames` (lip-sync), `done`."
+    phase: str = Field(
+        description="What it is doing: `queued` (waiting for the GPU), `starting` (probing the media, the speech "
+        "features), `prepare` (an avatar's face boxes, latents, masks), `frames` (lip-sync), `done`."
     )
     frames_done: int = Field(description="Frames done in the current phase.")
-    frames_total: int = Field(description="Frames the current phase will do (0 until known).")
+    frames_total: int = Field(
+        description="Frames the current phase will do. A lip-sync's output frames from its submission, as counted from "
+        "its probed speech track (the pipeline's own count once it has decoded it); 0 until known (media by URL, "
+        "an avatar's preparation)."
+    )
     cancel_requested: bool = Field(description="A cancel (client, time limit or shutdown) is on its way.")
     queue_position: int | None = Field(description="1-based place in the queue while queued.")
     created_at: str | None
@@ -242,6 +247,12 @@ class JobResponse(BaseModel):
     error: "ErrorDetail | None" = Field(description="Once failed or cancelled: why.")
     status_url: str
     output_url: str | None = Field(description="Once a lip-sync succeeded: where to download the MP4.")
+
+
+class JobList(BaseModel):
+    """`GET /jobs`."""
+
+    jobs: list[JobResponse] = Field(description="Newest first.")
 
 
 class HealthResponse(BaseModel):
@@ -300,3 +311,4 @@ class ErrorResponse(BaseModel):
 
 
 JobResponse.model_rebuild()
+JobList.model_rebuild()

@@ -304,14 +304,15 @@ class Service:
 
     # -- jobs ----------------------------------------------------------------------------------------
 
-    def submit(self, request: object, files: JobFiles) -> Job:
-        """Queue `request` (a LipsyncTask, UrlTask, LipsyncRequest or AvatarTask) owning `files`; on refusal the files go."""
+    def submit(self, request: object, files: JobFiles, *, frames_total: int = 0) -> Job:
+        """Queue `request` (a LipsyncTask, UrlTask, LipsyncRequest or AvatarTask) owning `files`; on refusal the files go.
+        `frames_total`: the output frames it will make, where the check knows them (else 0)."""
         assert self.jobs is not None
         self.require_loaded()
         with self._files_lock:
             self._files[id(request)] = (request, files)
         try:
-            return self.jobs.submit(request)  # type: ignore[arg-type]
+            return self.jobs.submit(request, frames_total=frames_total)  # type: ignore[arg-type]
         except BaseException:
             self._release(request, forget=True)
             raise

@@ -32,6 +32,24 @@ def exact_rate(fps: Rate) -> Fraction:
     return rate
 
 
+SPEECH_SAMPLE_RATE = 16000
+"""The rate the speech track is decoded at (whisper's); its sample count fixes the output's length."""
+
+
+def frame_count(n_samples: int, fps: Rate) -> int:
+    """Output video frames for `n_samples` of speech at SPEECH_SAMPLE_RATE: floor(duration * fps).
+
+    The one rule for the output's length: the pipeline counts the decoded samples; a request's
+    check, before anything is decoded, the samples its probed duration makes.
+
+    The official code truncates the frame rate with int(fps) before this (29.97 -> 29), while the
+    video is written at the real rate, so lips drift about 3 % behind the audio. That is a bug we
+    do not copy: the rate is used exactly.
+    """
+    rate = exact_rate(fps)
+    return (n_samples * rate.numerator) // (SPEECH_SAMPLE_RATE * rate.denominator)
+
+
 def output_rate(requested: Rate | None, video_fps: Fraction) -> Fraction:
     """A request's output rate: the one it asks for, else the video's own."""
     return exact_rate(requested) if requested else exact_rate(video_fps)

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from musetalk_service.errors import BadAudio
-from musetalk_service.media.rates import exact_rate
+from musetalk_service.media.rates import SPEECH_SAMPLE_RATE, exact_rate, frame_count
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
+SAMPLE_RATE = SPEECH_SAMPLE_RATE
 SEGMENT_SAMPLES = 30 * SAMPLE_RATE
 """Whisper's fixed input: 30 s segments, each encoded on its own (no context crosses a boundary)."""
 ENCODER_FPS = 50
@@ -36,17 +36,6 @@ SEGMENTS_PER_BATCH = 8
 """30 s segments per encoder forward pass (a few MB of activations each for whisper-tiny)."""
 
 Fps = float | Fraction
-
-
-def frame_count(n_samples: int, fps: Fps) -> int:
-    """Output video frames for `n_samples` of 16 kHz audio: floor(duration * fps).
-
-    The official code truncates the frame rate with int(fps) before this (29.97 -> 29), while the
-    video is written at the real rate, so lips drift about 3 % behind the audio. That is a bug we
-    do not copy: the rate is used exactly.
-    """
-    rate = exact_rate(fps)
-    return (n_samples * rate.numerator) // (SAMPLE_RATE * rate.denominator)
 
 
 class AudioFeatures:

@@ -102,17 +102,19 @@ def make(run, **kw) -> JobManager:
 
 def test_queue_full_raises_429_with_retry_after(thread_baseline):
     run = GatedRun()
-    with make(run, max_queue=2, default_retry_after_s=7) as jm:
+    with make(run, max_queue=2, default_job_s=7) as jm:
         a = jm.submit(req("a"))
         run.wait_started("a")
+        wait_for_phase(jm, a, "unet")
         jm.submit(req("b"))
         jm.submit(req("c"))
         assert jm.queue_depth == 2
         with pytest.raises(QueueFull) as exc:
             jm.submit(req("d"))
         assert exc.value.status == 429 and exc.value.code == "queue_full"
-        assert exc.value.retry_after_s == 7  # no history yet: the default, less the ~0 s already run
-        assert "retry in about 7 s" in exc.value.message
+        # No history yet: b and c, of unknown size, 7 s each; a's 7 frames left at 25 fps, 0.28 s.
+        assert exc.value.retry_after_s == 15
+        assert "retry in about 15 s" in exc.value.message
         assert jm.queue_depth == 2
         run.release_one()
         assert jm.wait(a.id, WAIT).status is JobStatus.SUCCEEDED
@@ -123,6 +125,48 @@ def test_queue_full_raises_429_with_retry_after(thread_baseline):
             jm.submit(req("f"))
         assert exc.value.retry_after_s == 1
         run.release.set()
+
+
+def test_retry_after_is_the_work_ahead_at_the_recent_throughput(thread_baseline):
+    run = GatedRun()
+    with make(run, max_queue=2, default_fps=10) as jm:
+        a = jm.submit(req("a"), frames_total=10)
+        run.wait_started("a")
+        wait_for_phase(jm, a, "unet")  # 3 frames of 10 done
+        b = jm.submit(req("b"), frames_total=100)
+        jm.submit(req("c"), frames_total=200)
+        assert retry_after(jm) == 31  # (7 + 100 + 200) frames at 10 fps
+        jm.cancel(b.id)
+        jm.submit(req("e"), frames_total=500)
+        assert retry_after(jm) == 71  # (7 + 200 + 500) frames: more work queued, a later retry
+        # Once a lip-sync has succeeded, its frames per second replace the default.
+        run.release_one()
+        assert jm.wait(a.id, WAIT).status is JobStatus.SUCCEEDED
+        fps = 10 / max(a.to_dict()["run_s"], 0.001)  # run_s is rounded to the ms
+        c = next(job for job in jm.snapshots(JobStatus.RUNNING))
+        wait_for_phase(jm, jm.get(c["job_id"]), "unet")  # c reports 7 frames left
+        jm.submit(req("f"), frames_total=1000)
+        assert abs(retry_after(jm) - (7 + 500 + 1000) / fps) <= 1  # run_s is rounded to the ms
+        run.release.set()
+    slow = GatedRun()
+    with make(slow, max_queue=1, default_fps=0.001) as jm:
+        jm.submit(req("g"), frames_total=10)
+        slow.wait_started("g")
+        jm.submit(req("h"), frames_total=10)
+        assert retry_after(jm) == 3600  # clamped: a client is not told to wait for days
+
+
+def wait_for_phase(jm: JobManager, job: Job, phase: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while jm.snapshot(job.id)["phase"] != phase:
+        assert time.monotonic() < deadline, f"{job.id} never reached {phase}"
+        time.sleep(0.001)
+
+
+def retry_after(jm: JobManager) -> int:
+    with pytest.raises(QueueFull) as exc:
+        jm.submit(req("refused"))
+    return exc.value.retry_after_s
 
 
 def test_jobs_run_in_submission_order(thread_baseline):
@@ -226,8 +270,11 @@ def test_snapshot_reports_phase_frames_and_timings(thread_baseline):
         snap = jm.snapshot(a.id)
         assert snap["status"] == "running" and snap["phase"] == "unet"
         assert (snap["frames_done"], snap["frames_total"]) == (3, 10)
-        assert set(snap["timings"]) == {"read", "unet"}
+        assert set(snap["timings"]) == {"starting", "read", "unet"}  # `starting`: until run's first report
         assert snap["result"] is None and snap["error"] is None and snap["started_at"]
+        b = jm.submit(req("b"), frames_total=40)
+        waiting = jm.snapshot(b.id)
+        assert (waiting["phase"], waiting["frames_done"], waiting["frames_total"], waiting["timings"]) == ("queued", 0, 40, {})
         run.release.set()
         jm.wait(a.id, WAIT)
         done = a.to_dict()

@@ -80,6 +80,57 @@ def test_unknown_job_is_404_everywhere(serve):
             assert_error(client.request(method, path), 404, "job_not_found", "nope")
 
 
+def test_jobs_are_listed_newest_first_filtered_by_status_and_limited(serve, tiny_pipeline, small_video, short_audio):
+    pipeline = ControlledPipeline(tiny_pipeline, gated=True)
+    with serve(pipeline=pipeline) as client:
+        running = client.post("/jobs", json=body(small_video, short_audio)).json()["job_id"]
+        wait_until(lambda: len(pipeline.started) == 1, message="first job running")
+        cancelled, queued = (client.post("/jobs", json=body(small_video, short_audio)).json()["job_id"] for _ in range(2))
+        client.delete(f"/jobs/{cancelled}")
+        listed = client.get("/jobs")
+        by_status = {s: client.get("/jobs", params={"status": s}).json()["jobs"] for s in ("queued", "running", "cancelled", "succeeded")}
+        first_two = client.get("/jobs", params={"limit": 2}).json()["jobs"]
+        bad = [("status", "done"), ("status", ""), ("limit", 0), ("limit", 501), ("limit", "many")]
+        refused = [(name, client.get("/jobs", params={name: value})) for name, value in bad]
+        pipeline.gate.set()
+        wait_job(client, queued)
+        later = [j["status"] for j in client.get("/jobs", params={"limit": 500}).json()["jobs"]]
+
+    assert listed.status_code == 200, listed.text
+    jobs = listed.json()["jobs"]
+    assert [j["job_id"] for j in jobs] == [queued, cancelled, running]
+    assert [j["status"] for j in jobs] == ["queued", "cancelled", "running"]
+    assert jobs[0] == {**jobs[0], "queue_position": 1, "status_url": f"/jobs/{queued}", "output_url": None}
+    assert [[j["job_id"] for j in by_status[s]] for s in ("queued", "running", "cancelled")] == [[queued], [running], [cancelled]]
+    assert by_status["succeeded"] == []
+    assert [j["job_id"] for j in first_two] == [queued, cancelled]
+    for name, response in refused:
+        assert_error(response, 400, "invalid_option", f"{name}: ")
+    assert later == ["succeeded", "cancelled", "succeeded"]
+
+
+def test_a_new_job_shows_its_phase_and_frames_total_from_submission(serve, tiny_pipeline, small_video, make_audio):
+    # Each track and rate as the pipeline will count it: 0.5 s is 12 frames at 25 fps, 14 at 30000/1001.
+    cases = [(make_audio(0.5, ".wav", 44100), None), (make_audio(0.5, ".m4a"), "30000/1001"), (make_audio(0.5, ".mp3"), 24)]
+    pipeline = ControlledPipeline(tiny_pipeline, gated=True)
+    with serve(pipeline=pipeline) as client:
+        ids = []
+        for audio, fps in cases:
+            extra = {"fps": fps} if fps else {}
+            ids.append(client.post("/jobs", json=body(small_video, audio, **extra)).json()["job_id"])
+        wait_until(lambda: len(pipeline.started) == 1, message="first job running")
+        first_views = [client.get(f"/jobs/{job_id}").json() for job_id in ids]
+        pipeline.gate.set()
+        done = [wait_job(client, job_id) for job_id in ids]
+
+    assert [(v["status"], v["phase"]) for v in first_views] == [("running", "starting"), ("queued", "queued"), ("queued", "queued")]
+    assert [v["frames_done"] for v in first_views] == [0, 0, 0]
+    assert [v["status"] for v in done] == ["succeeded"] * 3
+    assert [v["frames_total"] for v in first_views] == [v["result"]["frames"] for v in done]
+    assert [v["result"]["frames"] for v in done] == [12, 14, 12]
+    assert "queued" not in done[1]["timings"] and "starting" not in done[1]["timings"]  # the pipeline's own, once done
+
+
 def test_cancel_a_queued_job_ends_it_at_once_and_it_never_runs(serve, tiny_pipeline, small_video, short_audio):
     pipeline = ControlledPipeline(tiny_pipeline, gated=True)
     with serve(pipeline=pipeline) as client:

@@ -267,6 +267,13 @@ def test_openapi_documents_every_route_and_both_body_kinds(client):
         ref = content["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
         assert "audio_path" in spec["components"]["schemas"][ref]["properties"] or path == "/avatars"
         assert "video_path" in spec["components"]["schemas"][ref]["properties"]
+    listing = spec["paths"]["/jobs"]["get"]
+    assert listing["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/JobList")
+    assert {p["name"] for p in listing["parameters"]} == {"status", "limit"}
+    # A bad parameter is 400 invalid_option (ErrorResponse), never FastAPI's 422 HTTPValidationError.
+    for operations in spec["paths"].values():
+        for operation in operations.values():
+            assert "HTTPValidationError" not in str(operation["responses"])
 
 
 def test_the_smallest_face_box_allowed_runs_to_the_end(client, talking_head_video, make_audio):

@@ -81,7 +81,7 @@ def test_api_key_guards_every_route_but_health(serve, small_video, short_audio, 
             (path, client.request(method, path, **kwargs))
             for method, path, kwargs in (
                 ("GET", "/ready", {}), ("GET", "/metrics", {}), ("POST", "/jobs", {"json": body(small_video, short_audio)}),
-                ("POST", "/lipsync", {"json": {}}), ("GET", "/jobs/x", {}), ("DELETE", "/jobs/x", {}),
+                ("POST", "/lipsync", {"json": {}}), ("GET", "/jobs", {}), ("GET", "/jobs/x", {}), ("DELETE", "/jobs/x", {}),
                 ("GET", "/avatars", {}), ("POST", "/avatars", {"json": {}}), ("GET", "/docs", {}),
                 ("GET", "/openapi.json", {}), ("GET", "/nope", {}),
             )

@@ -1,24 +1,27 @@
-"""Jobs: submit a lip-sync (POST /jobs), follow, cancel and download it (/jobs/{job_id}...), or
-submit one and wait for it (POST /lipsync)."""
+"""Jobs: submit a lip-sync (POST /jobs), list them (GET /jobs), follow, cancel and download one
+(/jobs/{job_id}...), or submit one and wait for it (POST /lipsync)."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import anyio.to_thread
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 
 from musetalk_service.api.errors import error_response
 from musetalk_service.api.jobs import Job, JobNotFound, JobStatus
 from musetalk_service.api.requests import checked_request
 from musetalk_service.api.routes.common import LIPSYNC_FILES, SUBMIT_ERRORS, body_doc, error_docs, get_service, raise_failure, read_body, wait_for
-from musetalk_service.api.schemas import JobAccepted, JobResponse, LipsyncBody, LipsyncResponse
+from musetalk_service.api.schemas import JobAccepted, JobList, JobResponse, LipsyncBody, LipsyncResponse
 from musetalk_service.api.service import JobFiles, Service, job_view
 
 router = APIRouter()
+
+LIST_LIMIT, MAX_LIST_LIMIT = 50, 500
+"""`GET /jobs`: jobs listed when the request names no `limit`, and the most it may ask for."""
 
 
 @router.post(
@@ -40,6 +43,18 @@ async def submit_job(http: Request) -> Response:
         status_code=202,
         headers={"Location": url},
     )
+
+
+@router.get("/jobs", response_model=JobList, responses=error_docs(400, 401))
+async def list_jobs(
+    http: Request,
+    status: Annotated[JobStatus | None, Query(description="Only the jobs in this status.")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIST_LIMIT, description="The most jobs to list.")] = LIST_LIMIT,
+) -> dict:
+    """The jobs kept (queued, running, and finished ones for `jobs.keep_finished_s`), newest first,
+    each as `GET /jobs/{job_id}` shows it."""
+    snapshots = get_service(http).jobs.snapshots(status, limit)
+    return {"jobs": [job_view(snapshot) for snapshot in snapshots]}
 
 
 @router.get("/jobs/{job_id}", response_model=JobResponse, responses=error_docs(401, 404))
@@ -93,11 +108,11 @@ async def _submit_lipsync(service: Service, http: Request) -> Job:
     files = JobFiles()
     try:
         body, uploaded, _ = await read_body(http, service, files, LipsyncBody, LIPSYNC_FILES)
-        request = await anyio.to_thread.run_sync(checked_request, service, body, uploaded)
+        request, frames = await anyio.to_thread.run_sync(checked_request, service, body, uploaded)
         if body.output_path is None:
             files.auto_output = request.request.output_path
     except BaseException:
         if files.upload_dir is not None:
             shutil.rmtree(files.upload_dir, ignore_errors=True)
         raise
-    return service.submit(request, files)
+    return service.submit(request, files, frames_total=frames)
