@@ -41,6 +41,8 @@ class FrameStore:
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
 
     def append(self, frames: np.ndarray) -> None:
+        if len(frames) == 0:  # the decoder's last read can be empty; memoryview can't cast a 0-size shape
+            return
         data = memoryview(np.ascontiguousarray(frames)).cast("B")  # no copy
         offset = self.count * self.frame_bytes
         while data:  # a large write may be cut short
