@@ -9,12 +9,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
+import fastapi_offline
 import uvicorn
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
 from fastapi.security import APIKeyHeader
+from fastapi.staticfiles import StaticFiles
 
 import musetalk_service
 from musetalk_service.api.errors import install_error_handlers
@@ -58,6 +63,8 @@ def create_app(
         version=musetalk_service.__version__,
         summary="MuseTalk 1.5 lip-sync: a talking-head video and a speech track in, a lip-synced MP4 out.",
         lifespan=lifespan,
+        docs_url=None,  # served by `_serve_docs` from installed assets, not FastAPI's CDN page
+        redoc_url=None,
     )
     app.state.service = service
     app.state.settings = settings
@@ -72,6 +79,7 @@ def create_app(
     for router in ROUTERS:
         app.include_router(router)
     _document(app, open_paths=OPEN_PATHS if settings.api_key else None)
+    _serve_docs(app)
     return app
 
 
@@ -113,6 +121,27 @@ def _document(app: FastAPI, open_paths: tuple[str, ...] | None) -> None:
 
 
 _VALIDATION_ERROR = "#/components/schemas/HTTPValidationError"
+
+DOCS_ASSETS = "/docs/assets"
+_SWAGGER_UI = Path(fastapi_offline.__file__).parent / "static"
+"""Swagger UI's script, CSS and icon as the fastapi-offline wheel ships them (Swagger UI 5, which
+reads OpenAPI 3.1), so /docs works on a host with no internet (FastAPI's page loads a CDN)."""
+
+
+def _serve_docs(app: FastAPI) -> None:
+    """/docs: Swagger UI on the app's OpenAPI document, every asset served by the app itself. With
+    an API key set, the page and its assets need the key like every route but /health."""
+    app.mount(DOCS_ASSETS, StaticFiles(directory=_SWAGGER_UI), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} - API",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+        )
 
 
 def _schema_ref(response: dict[str, Any]) -> str | None:

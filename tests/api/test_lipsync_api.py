@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -274,6 +275,22 @@ def test_openapi_documents_every_route_and_both_body_kinds(client):
     for operations in spec["paths"].values():
         for operation in operations.values():
             assert "HTTPValidationError" not in str(operation["responses"])
+
+
+def test_docs_page_loads_every_asset_from_the_service_itself(client):
+    # /docs must work on a host with no internet: each script, style sheet and icon it names is
+    # served by the app (no CDN), and the page points Swagger UI at the app's own document.
+    page = client.get("/docs")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    urls = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", page.text) + re.findall(r"""url: *['"]([^'"]+)['"]""", page.text)
+    assert "/openapi.json" in urls
+    assets = [url for url in urls if url != "/openapi.json"]
+    assert {url.rsplit("/", 1)[1] for url in assets} >= {"swagger-ui-bundle.js", "swagger-ui.css"}
+    for url in urls:
+        assert url.startswith("/"), f"/docs names an off-host URL: {url}"
+        asset = client.get(url)
+        assert asset.status_code == 200 and len(asset.content) > 1000, url
+    assert "SwaggerUIBundle" in client.get([u for u in assets if u.endswith(".js")][0]).text
 
 
 def test_the_smallest_face_box_allowed_runs_to_the_end(client, talking_head_video, make_audio):
