@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from musetalk_service import work_folders
 from musetalk_service.errors import Cancelled, InputError, InvalidOption, ServiceError
 from musetalk_service.contract import LipsyncRequest, LipsyncResult, LipsyncTask
 from musetalk_service.settings import UrlSettings
@@ -264,7 +264,7 @@ def fetch_and_run(
     end), `check` them (the probe limits; the result gets the check's warnings), `run` the
     lip-sync, PUT the output to `output_url`."""
     urls = task.urls
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)  # made and held by the service (work_folders.make)
     try:
         request = task.request
         fetched: dict[str, Any] = {}
@@ -288,4 +288,4 @@ def fetch_and_run(
         upload(Path(result.output_path), urls.output_url, settings)
         return UploadedResult(result, shown(urls.output_url))
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        work_folders.remove(folder)

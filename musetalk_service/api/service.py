@@ -23,7 +23,6 @@ import asyncio
 import errno
 import logging
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -46,7 +45,6 @@ from musetalk_service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-UPLOAD_PREFIX = "musetalk-upload-"
 AVATAR_VIDEOS = "musetalk-avatar-videos"
 
 
@@ -383,7 +381,7 @@ class Service:
             if forget:
                 del self._files[id(request)]
         if files.upload_dir is not None:
-            shutil.rmtree(files.upload_dir, ignore_errors=True)
+            work_folders.remove(files.upload_dir)
         video, files.avatar_video = files.avatar_video, None
         if video is not None and not files.keep_avatar_video:
             video.unlink(missing_ok=True)
@@ -396,8 +394,9 @@ class Service:
     # -- files -----------------------------------------------------------------------------------------
 
     def upload_folder(self) -> Path:
-        """A fresh folder path for one request's uploads (not created)."""
-        return self.work_root / f"{UPLOAD_PREFIX}{uuid.uuid4().hex}"
+        """A new folder for one request's uploads or downloads, held by this process until
+        `work_folders.remove` (a server started after this one died removes it)."""
+        return work_folders.make(self.work_root)
 
     def avatar_video_path(self, suffix: str) -> Path:
         folder = self.work_root / AVATAR_VIDEOS

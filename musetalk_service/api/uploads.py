@@ -13,7 +13,6 @@ from __future__ import annotations
 import codecs
 import errno
 import re
-import shutil
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
+from musetalk_service import work_folders
 from musetalk_service.api.errors import BadUpload, DiskFull, UploadTooLarge
 
 MAX_FIELD_BYTES = 64 * 1024
@@ -157,7 +157,7 @@ async def receive_form(request: Request, folder: Path, *, max_bytes: int, file_f
     boundary = params.get(b"boundary")
     if not boundary:
         raise BadUpload("multipart/form-data without a boundary")
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)  # made and held by the service (work_folders.make)
     parts = _Parts(folder, file_fields)
     received = 0
     try:
@@ -189,4 +189,4 @@ async def receive_form(request: Request, folder: Path, *, max_bytes: int, file_f
 
 def _discard(parts: _Parts, folder: Path) -> None:
     parts.close()
-    shutil.rmtree(folder, ignore_errors=True)
+    work_folders.remove(folder)

@@ -20,7 +20,7 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,10 @@ class ReplicaResult:
         if name == "result":  # not set yet (copying, unpickling)
             raise AttributeError(name)
         return getattr(self.result, name)
+
+    def with_warnings(self, warnings: Sequence[str]) -> ReplicaResult:
+        """As `LipsyncResult.with_warnings`, keeping the replica (the check's warnings are the ingress's)."""
+        return ReplicaResult(self.result.with_warnings(warnings), self.replica)
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.result.to_dict(), "engine_replica": self.replica}

@@ -4,6 +4,7 @@ signal of media/ffmpeg.py `start_child`), and the next server removes its work f
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -82,3 +83,32 @@ def test_a_new_server_removes_the_work_folder_of_a_killed_one_but_not_a_live_one
     assert live_status == "running" and live_after  # the live server's, in use, was left alone
     assert finished["status"] == "succeeded", finished
     assert not live_folder.exists()
+
+
+def test_a_new_server_removes_the_upload_folder_of_a_server_killed_mid_upload(tiny_models_dir, tmp_path):
+    work = tmp_path / "work"
+    shared = {"MUSETALK_WORK_DIR": str(work)}
+    boundary = "musetalk-test-boundary"
+    head = (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"video\"; filename=\"v.mp4\"\r\n"
+        "Content-Type: video/mp4\r\n\r\n"
+    ).encode() + b"\0" * 65536
+
+    with serve_process(tiny_models_dir, tmp_path / "killed", **shared) as killed:
+        port = killed.client.base_url.port
+        with socket.create_connection(("127.0.0.1", port)) as upload:
+            upload.sendall(
+                f"POST /jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+                f"Content-Length: {100 * 2**20}\r\n\r\n".encode() + head
+            )
+            # The video part is being written into the request's upload folder when the server dies.
+            wait_until(lambda: work.is_dir() and any(any(f.iterdir()) for f in work_folders_in(work)), message="an upload folder with a part")
+            (folder,) = work_folders_in(work)
+            killed.process.send_signal(signal.SIGKILL)
+            killed.process.wait(timeout=10)
+    left_behind = folder.is_dir()
+    with serve_process(tiny_models_dir, tmp_path / "next", **shared):
+        after = folder.exists()
+
+    assert left_behind  # SIGKILL left the half-received upload
+    assert not after  # the next server removed it at start

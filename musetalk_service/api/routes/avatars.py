@@ -8,6 +8,7 @@ import anyio.to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from musetalk_service import work_folders
 from musetalk_service.api.requests import checked_avatar_request, find_avatar
 from musetalk_service.api.routes.common import AVATAR_FILES, SUBMIT_ERRORS, body_doc, error_docs, get_service, raise_failure, read_body, wait_for
 from musetalk_service.api.schemas import AvatarBody, AvatarList, AvatarResponse
@@ -38,7 +39,7 @@ async def create_avatar(http: Request) -> JSONResponse:
         request = await anyio.to_thread.run_sync(checked_avatar_request, service, body, uploaded)
     except BaseException:
         if files.upload_dir is not None:
-            shutil.rmtree(files.upload_dir, ignore_errors=True)
+            work_folders.remove(files.upload_dir)
         if files.avatar_video is not None:
             files.avatar_video.unlink(missing_ok=True)
         raise

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,6 +10,7 @@ import anyio.to_thread
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 
+from musetalk_service import work_folders
 from musetalk_service.api.errors import error_response
 from musetalk_service.api.jobs import Job, JobNotFound, JobStatus
 from musetalk_service.api.requests import checked_request
@@ -113,6 +113,6 @@ async def _submit_lipsync(service: Service, http: Request) -> Job:
             files.auto_output = request.request.output_path
     except BaseException:
         if files.upload_dir is not None:
-            shutil.rmtree(files.upload_dir, ignore_errors=True)
+            work_folders.remove(files.upload_dir)
         raise
     return service.submit(request, files, frames_total=frames)
